@@ -1,0 +1,80 @@
+/* Shared helpers for netwatchd's BPF programs.
+ *
+ * The kernel headers BCC compiles against may belong to another kernel version (Debian's generic
+ * headers on a newer kernel), so every read of a kernel struct goes through a byte offset that user
+ * space resolved from the running kernel's BTF and passed in as -D<NAME>_OFF=<n>. Never dereference
+ * struct members from the headers.
+ */
+#ifndef NETWATCH_H
+#define NETWATCH_H
+
+#define ETH_P_IP_ 0x0800
+#define ETH_P_IPV6_ 0x86DD
+#define NW_FAMILY_NONE 0
+#define NW_FAMILY_V4 4
+#define NW_FAMILY_V6 6
+
+/* Read a value of type T at byte offset OFF from kernel pointer BASE (0 when the read fails). */
+#define NW_READ(T, BASE, OFF)                                                    \
+    ({                                                                           \
+        T __v = 0;                                                               \
+        bpf_probe_read_kernel(&__v, sizeof(__v), (const char *)(BASE) + (OFF)); \
+        __v;                                                                     \
+    })
+
+/* Addresses of an IP packet; v4 addresses sit in the first 4 bytes, the rest stay zero. */
+struct nw_addrs {
+    u8 saddr[16];
+    u8 daddr[16];
+    u8 family;   /* NW_FAMILY_* */
+    u8 l4proto;  /* IPPROTO_* */
+};
+
+/* Parse the IP header of an skb through BTF offsets; family stays NONE for non-IP or no header yet. */
+static __always_inline void nw_skb_addrs(const void *skb, u16 eth_proto, struct nw_addrs *out)
+{
+    u16 nh = NW_READ(u16, skb, SKB_NETWORK_HEADER_OFF);
+    if (nh == (u16)~0U)
+        return;
+    const char *head = NW_READ(const char *, skb, SKB_HEAD_OFF);
+    if (!head)
+        return;
+    const char *ip = head + nh;
+    if (eth_proto == ETH_P_IP_) {
+        u8 vihl = NW_READ(u8, ip, 0);
+        if ((vihl >> 4) != 4)
+            return;
+        out->family = NW_FAMILY_V4;
+        out->l4proto = NW_READ(u8, ip, 9);
+        bpf_probe_read_kernel(out->saddr, 4, ip + 12);
+        bpf_probe_read_kernel(out->daddr, 4, ip + 16);
+    } else if (eth_proto == ETH_P_IPV6_) {
+        u8 ver = NW_READ(u8, ip, 0);
+        if ((ver >> 4) != 6)
+            return;
+        out->family = NW_FAMILY_V6;
+        out->l4proto = NW_READ(u8, ip, 6);
+        bpf_probe_read_kernel(out->saddr, 16, ip + 8);
+        bpf_probe_read_kernel(out->daddr, 16, ip + 24);
+    }
+}
+
+/* Network namespace inode of a net_device (0 when unknown). */
+static __always_inline u32 nw_dev_netns(const void *dev)
+{
+    if (!dev)
+        return 0;
+    const void *net = NW_READ(const void *, dev, NETDEV_ND_NET_OFF);
+    return net ? NW_READ(u32, net, NET_NS_INUM_OFF) : 0;
+}
+
+/* Network namespace inode of a socket (0 when unknown). */
+static __always_inline u32 nw_sock_netns(const void *sk)
+{
+    if (!sk)
+        return 0;
+    const void *net = NW_READ(const void *, sk, SK_NET_OFF);
+    return net ? NW_READ(u32, net, NET_NS_INUM_OFF) : 0;
+}
+
+#endif /* NETWATCH_H */

@@ -1,0 +1,226 @@
+"""`netwatchd`: load the probes, attribute what they count, serve it to Prometheus, detach on exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.registry import CollectorRegistry
+
+import netwatchd
+from netwatchd import logging as nwlog
+from netwatchd.classify import ClusterView, parse_cidrs
+from netwatchd.export.http import MetricsServer, parse_listen
+from netwatchd.export.metrics import NetwatchCollector
+from netwatchd.identity.local import StandaloneResolver, host_addresses, own_netns_inode
+from netwatchd.kernel import env, hooks
+from netwatchd.kernel.hooks import HookStatus
+from netwatchd.pipeline import DropAccounting
+from netwatchd.probes import registry
+from netwatchd.probes.base import ProbeContext
+
+EVICT_AT = 0.75  # evict idle entries once a map is this full
+
+
+@dataclass
+class MapStats:
+    entries: int = 0
+    capacity: int = 0
+    overflow: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class DaemonState:
+    """Everything the collectors and the JSON API read; written by the refresh loop."""
+
+    hooks: list[HookStatus] = field(default_factory=list)
+    probe_status: dict[tuple[str, str], bool] = field(default_factory=dict)
+    probe_errors: dict[str, str] = field(default_factory=dict)
+    maps: dict[str, MapStats] = field(default_factory=dict)
+    drops: DropAccounting | None = None
+    identity_source: str = "standalone"
+    ready: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netwatchd", description=__doc__)
+    p.add_argument("--version", action="version", version=f"netwatchd {netwatchd.__version__}")
+    p.add_argument("--listen", default=os.environ.get("NETWATCHD_LISTEN", "0.0.0.0:9990"),
+                   help="HOST:PORT for /metrics, /healthz, /readyz (default %(default)s)")
+    p.add_argument("--pod-cidr", action="append", default=[],
+                   help="this node's pod CIDR(s); repeat or comma-separate (v4 and v6)")
+    p.add_argument("--cluster-cidr", action="append", default=[], help="all pods' CIDR(s) in the cluster")
+    p.add_argument("--service-cidr", action="append", default=[], help="the service (ClusterIP) CIDR(s)")
+    p.add_argument("--probes", default=",".join(registry.PROBES),
+                   help="comma-separated probes to load (default: all: %(default)s)")
+    p.add_argument("--interval", type=float, default=2.0,
+                   help="seconds between map reads (scrapes also read them) (default %(default)s)")
+    p.add_argument("--max-series", type=int, default=10000,
+                   help="series budget per metric family; beyond it pods fold into pod=__overflow__")
+    p.add_argument("--drops-map-entries", type=int, default=16384, help="capacity of the drops BPF map")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace, tracefs: Path) -> None:
+        from netwatchd.kernel.btf import Btf
+
+        self.args = args
+        self.log = nwlog.get()
+        self.tracefs = tracefs
+        self.btf = Btf.load(env.HostPaths.from_env().btf)
+        self.state = DaemonState()
+        self.view = ClusterView(
+            node_pod_cidrs=parse_cidrs(args.pod_cidr),
+            cluster_cidrs=parse_cidrs(args.cluster_cidr),
+            service_cidrs=parse_cidrs(args.service_cidr),
+            host_ips=host_addresses(),
+        )
+        self.resolver = StandaloneResolver()
+        self.probes = registry.build([n.strip() for n in args.probes.split(",") if n.strip()])
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self._last_refresh = 0.0
+
+    def detect_hooks(self) -> None:
+        def btf_has(name: str) -> bool:
+            try:
+                self.btf.struct_size(name)
+                return True
+            except Exception:  # noqa: BLE001 - absent type
+                return False
+
+        self.state.hooks = hooks.detect(self.tracefs, btf_has)
+        for h in self.state.hooks:
+            self.log.info("hook_detected", hook=h.kind, available=h.available, detail=h.detail)
+
+    def attach_probes(self) -> None:
+        ctx = ProbeContext(btf=self.btf, tracefs=self.tracefs, settings={})
+        available = {h.kind for h in self.state.hooks if h.available}
+        for probe in self.probes:
+            if probe.name == "drops":
+                probe.max_entries = self.args.drops_map_entries
+            missing = [f"{h.kind} {h.target}" for h in probe.hooks
+                       if h.kind not in available
+                       or (h.kind == "tracepoint" and not hooks.tracepoint_exists(self.tracefs, h.target))]
+            ok, why = not missing, f"missing hook: {', '.join(missing)}" if missing else ""
+            if ok:
+                try:
+                    probe.attach(ctx)
+                except Exception as exc:  # noqa: BLE001 - a failed probe degrades, never stops the daemon
+                    probe.detach()
+                    ok, why = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:] or ''}"
+            for h in probe.hooks:
+                self.state.probe_status[(probe.name, f"{h.kind}:{h.target}")] = ok
+            if ok:
+                self.log.info("probe_attached", probe=probe.name, hooks=[f"{h.kind}:{h.target}" for h in probe.hooks])
+            else:
+                self.state.probe_errors[probe.name] = why
+                self.log.warning("probe_not_attached", probe=probe.name, reason=why)
+            if probe.name == "drops" and ok:
+                self.state.drops = DropAccounting(self.view, self.resolver, probe.reasons.name,
+                                                  series_limit=self.args.max_series,
+                                                  host_netns=own_netns_inode())
+                self.state.maps["drops"] = MapStats(capacity=probe.max_entries)
+
+    def refresh(self) -> None:
+        """Read every map once and fold it into the label totals (serialised; scrapes share it)."""
+        with self.lock:
+            now = time.monotonic()
+            if now - self._last_refresh < 0.05:
+                return
+            self._last_refresh = now
+            for probe in self.probes:
+                if probe.name == "drops" and probe.attached and self.state.drops:
+                    records = probe.read()
+                    acct = self.state.drops
+                    acct.update(records)
+                    stats = self.state.maps["drops"]
+                    stats.entries = len(records)
+                    stats.overflow = probe.overflow()
+                    if len(records) >= EVICT_AT * probe.max_entries:
+                        idle = acct.idle_keys()
+                        probe.evict(idle)
+                        acct.forget(idle)
+                        stats.evictions += len(idle)
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.state.ready:
+            return False, "starting"
+        attached = [p for p, ok in self.state.probe_status.items() if ok]
+        return (True, "ready") if attached else (False, "no probe attached")
+
+    def run(self) -> int:
+        self.detect_hooks()
+        registry_ = CollectorRegistry(auto_describe=False)
+        registry_.register(NetwatchCollector(self.state, self.refresh))
+        server = MetricsServer(self.args.listen, registry_, self.ready)
+        try:
+            self.attach_probes()
+            server.start()
+            self.state.ready = True
+            host, port = server.address
+            self.log.info("serving", listen=f"{host}:{port}", probes=[p.name for p in self.probes],
+                          identity=self.state.identity_source)
+            while not self.stop.wait(self.args.interval):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - log and keep counting; next interval retries
+                    self.log.exception("refresh_failed")
+        finally:
+            server.close()
+            self.detach_all()
+        return 0
+
+    def detach_all(self) -> None:
+        for probe in self.probes:
+            try:
+                probe.detach()
+            except Exception:  # noqa: BLE001 - keep detaching the others
+                self.log.exception("detach_failed", probe=probe.name)
+        self.log.info("detached", probes=[p.name for p in self.probes])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    nwlog.configure(args.log_level)
+    log = nwlog.get()
+    try:
+        parse_listen(args.listen)
+        parse_cidrs(args.pod_cidr + args.cluster_cidr + args.service_cidr)
+        registry.build([n.strip() for n in args.probes.split(",") if n.strip()])
+    except ValueError as exc:
+        print(f"netwatchd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        tracefs = env.preflight()
+    except env.EnvironmentProblem as exc:
+        log.error("environment_problem", error=str(exc))
+        print(f"netwatchd: {exc}", file=sys.stderr)
+        return 3
+    daemon = Daemon(args, tracefs)
+
+    def on_signal(signum, _frame):
+        log.info("stopping", signal=signal.Signals(signum).name)
+        daemon.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return daemon.run()
+    except OSError as exc:  # e.g. the listen address is taken
+        daemon.detach_all()
+        print(f"netwatchd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

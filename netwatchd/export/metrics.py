@@ -1,0 +1,109 @@
+"""Prometheus collectors: read what the kernel counted at scrape time and yield metric families.
+
+Every metric netwatchd exports is declared here once (name, help, labels in a fixed order); `METRICS`
+doubles as the reference table printed by `netwatchctl metrics` and kept in the README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+import netwatchd
+from netwatchd.pipeline import DROP_LABELS
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # without the _total suffix for counters, as prometheus_client expects
+    kind: str
+    help: str
+    labels: tuple[str, ...]
+
+
+DROPS = MetricSpec("netwatch_drops", "counter",
+                   "Packets dropped by the kernel, by kernel drop reason and traffic class of the local side.",
+                   DROP_LABELS)
+DROPPED_BYTES = MetricSpec("netwatch_dropped_bytes", "counter",
+                           "Bytes of the packets counted in netwatch_drops_total.", DROP_LABELS)
+PROBE_ATTACHED = MetricSpec("netwatch_probe_attached", "gauge",
+                            "1 when the probe's hook is attached, 0 when it is missing or failed.",
+                            ("probe", "hook"))
+HOOK_AVAILABLE = MetricSpec("netwatch_hook_available", "gauge",
+                            "1 when this kernel offers the hook kind (tracepoint, tc, kprobe, fentry, ...).",
+                            ("hook",))
+MAP_ENTRIES = MetricSpec("netwatch_bpf_map_entries", "gauge",
+                         "Entries in a BPF aggregation map at the last read.", ("map",))
+MAP_CAPACITY = MetricSpec("netwatch_bpf_map_capacity", "gauge",
+                          "max_entries of a BPF aggregation map.", ("map",))
+MAP_OVERFLOW = MetricSpec("netwatch_bpf_map_overflow", "counter",
+                          "Events not counted per key because the map was full.", ("map",))
+MAP_EVICTIONS = MetricSpec("netwatch_bpf_map_evictions", "counter",
+                           "Idle map entries deleted by user space to keep room (their totals are kept).",
+                           ("map",))
+SERIES_FOLDED = MetricSpec("netwatch_series_budget_folded", "counter",
+                           "Increments folded into pod=\"__overflow__\" because the series budget was reached.",
+                           ("metric",))
+BUILD_INFO = MetricSpec("netwatch_build", "info", "netwatchd version and data sources.",
+                        ("version", "identity"))
+
+METRICS = (DROPS, DROPPED_BYTES, PROBE_ATTACHED, HOOK_AVAILABLE, MAP_ENTRIES, MAP_CAPACITY, MAP_OVERFLOW,
+           MAP_EVICTIONS, SERIES_FOLDED, BUILD_INFO)
+
+
+def exposed_name(spec: MetricSpec) -> str:
+    return {"counter": f"{spec.name}_total", "info": f"{spec.name}_info"}.get(spec.kind, spec.name)
+
+
+def family(spec: MetricSpec):
+    cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}[spec.kind]
+    return cls(spec.name, spec.help, labels=list(spec.labels))
+
+
+class NetwatchCollector(Collector):
+    """Yields every netwatchd metric from the daemon's state; `refresh` is called first (reads maps)."""
+
+    def __init__(self, state, refresh: Callable[[], None]) -> None:
+        self.state = state
+        self.refresh = refresh
+
+    def collect(self) -> Iterator:
+        self.refresh()
+        st = self.state
+        packets, nbytes = st.drops.snapshot() if st.drops else ({}, {})
+        drops, dbytes = family(DROPS), family(DROPPED_BYTES)
+        for labels, value in sorted(packets.items()):
+            drops.add_metric(list(labels), value)
+            dbytes.add_metric(list(labels), nbytes.get(labels, 0))
+        yield drops
+        yield dbytes
+
+        attached = family(PROBE_ATTACHED)
+        for (probe, hook), ok in sorted(st.probe_status.items()):
+            attached.add_metric([probe, hook], 1.0 if ok else 0.0)
+        yield attached
+        hooks = family(HOOK_AVAILABLE)
+        for h in st.hooks:
+            hooks.add_metric([h.kind], 1.0 if h.available else 0.0)
+        yield hooks
+
+        entries, capacity = family(MAP_ENTRIES), family(MAP_CAPACITY)
+        overflow, evictions = family(MAP_OVERFLOW), family(MAP_EVICTIONS)
+        for name, m in sorted(st.maps.items()):
+            entries.add_metric([name], m.entries)
+            capacity.add_metric([name], m.capacity)
+            overflow.add_metric([name], m.overflow)
+            evictions.add_metric([name], m.evictions)
+        yield from (entries, capacity, overflow, evictions)
+
+        folded = family(SERIES_FOLDED)
+        if st.drops:
+            folded.add_metric([exposed_name(DROPS)], st.drops.budget.folded)
+        yield folded
+
+        info = InfoMetricFamily(BUILD_INFO.name, BUILD_INFO.help)
+        info.add_metric([], {"version": netwatchd.__version__, "identity": st.identity_source})
+        yield info

@@ -1,0 +1,55 @@
+"""What the node knows about itself without Kubernetes: its own addresses and network namespace.
+
+Standalone mode (no kubelet) labels the local side of an event as the node or an unknown pod; the identity
+work adds pods on top of this through the same `Resolver` interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from netwatchd.classify import IPAddress
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """The local endpoint of an event: a pod, or the node itself (namespace "", pod "")."""
+
+    namespace: str = ""
+    pod: str = ""
+    workload: str = ""
+
+
+NODE = PodRef()
+
+
+def own_netns_inode() -> int:
+    """Inode of the network namespace netwatchd runs in (the node's, for a hostNetwork DaemonSet)."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def host_addresses() -> frozenset[IPAddress]:
+    """Every address configured in our network namespace (pyroute2), loopback included."""
+    from pyroute2 import IPRoute
+
+    out: set[IPAddress] = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+            if addr:
+                out.add(ipaddress.ip_address(addr.split("%")[0]))
+    return frozenset(out)
+
+
+class StandaloneResolver:
+    """Resolver without Kubernetes: no pod names; local pods are known only by address (CIDR)."""
+
+    source = "standalone"
+
+    def pod_for_ip(self, ip: IPAddress) -> PodRef:
+        return NODE
+
+    def pod_for_netns(self, netns: int) -> PodRef:
+        return NODE
