@@ -6,6 +6,7 @@ This side reads the map, decodes the raw keys, and evicts idle entries when the 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass
 
@@ -113,7 +114,5 @@ class DropsProbe:
             return
         table = self._bpf["drops"]
         for raw in keys:
-            try:
+            with contextlib.suppress(KeyError):
                 del table[table.Key.from_buffer_copy(raw)]
-            except KeyError:
-                pass
