@@ -1,0 +1,126 @@
+"""Running the real netwatchd binary in tests: start it (optionally inside a lab node's netns), scrape it,
+stop it with SIGTERM and check it exited cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+NETWATCHD = [sys.executable, "-m", "netwatchd.daemon"]
+
+
+@dataclass
+class RunningDaemon:
+    proc: subprocess.Popen
+    netns: str | None
+    logs: list[dict] = field(default_factory=list)
+    stderr_lines: list[str] = field(default_factory=list)
+    port: int = 0
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+            try:
+                self.logs.append(json.loads(line))
+            except ValueError:
+                pass
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        if self.netns:
+            from netwatchd.identity.netns import in_netns
+
+            ctx = in_netns(f"/run/netns/{self.netns}")
+        else:
+            ctx = _nullctx()
+        with ctx:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+    def metrics(self) -> str:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        return body
+
+    def samples(self, name: str) -> list[tuple[dict, float]]:
+        """All samples of metric `name` (e.g. 'netwatch_drops_total') as (labels, value)."""
+        out = []
+        for fam in text_string_to_metric_families(self.metrics()):
+            for s in fam.samples:
+                if s.name == name:
+                    out.append((s.labels, s.value))
+        return out
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        return sum(v for lab, v in self.samples(name) if all(lab.get(k) == x for k, x in labels.items()))
+
+    def wait_for(self, name: str, expected: float, timeout: float = 15.0, **labels: str) -> float:
+        """Poll until the summed value reaches `expected`; return the last value (callers assert equality)."""
+        deadline = time.monotonic() + timeout
+        val = self.value(name, **labels)
+        while val < expected and time.monotonic() < deadline:
+            time.sleep(0.3)
+            val = self.value(name, **labels)
+        return val
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def start_netwatchd(args: list[str], netns: str | None = None, env: dict | None = None,
+                    timeout: float = 60.0) -> RunningDaemon:
+    """Start netwatchd (in `netns` if given) listening on a free port; return once it serves."""
+    cmd = NETWATCHD + ["--listen", "127.0.0.1:0", "--interval", "0.5", *args]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=Path(__file__).resolve().parent.parent)
+    d = RunningDaemon(proc, netns)
+    threading.Thread(target=d._pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in list(d.logs):
+            if entry.get("event") == "serving":
+                d.port = int(entry["listen"].rsplit(":", 1)[1])
+                return d
+        if proc.poll() is not None:
+            time.sleep(0.2)
+            raise AssertionError(f"netwatchd exited {proc.returncode}: {''.join(d.stderr_lines)[-3000:]}")
+        time.sleep(0.1)
+    d.stop()
+    raise AssertionError(f"netwatchd did not start in {timeout}s: {''.join(d.stderr_lines)[-3000:]}")
+
+
+def bpf_programs() -> dict[int, str]:
+    """Every loaded BPF program: id -> name (bpftool prog show)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {p["id"]: p.get("name", "") for p in json.loads(out)}
