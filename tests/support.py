@@ -3,6 +3,8 @@ stop it with SIGTERM and check it exited cleanly."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import subprocess
@@ -37,12 +39,7 @@ class RunningDaemon:
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
         url = f"http://127.0.0.1:{self.port}{path}"
-        if self.netns:
-            from netwatchd.identity.netns import in_netns
-
-            ctx = in_netns(f"/run/netns/{self.netns}")
-        else:
-            ctx = _nullctx()
+        ctx = _in_netns(f"/run/netns/{self.netns}") if self.netns else _nullctx()
         with ctx:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -85,6 +82,24 @@ class RunningDaemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+@contextlib.contextmanager
+def _in_netns(path: str):
+    """Run the block's socket creation inside the netns at `path` (this thread only), then switch back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(target, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+        try:
+            yield
+        finally:
+            libc.setns(own, 0x40000000)
+    finally:
+        os.close(own)
+        os.close(target)
 
 
 class _nullctx:
