@@ -17,7 +17,6 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-
 NETWATCHD = [sys.executable, "-m", "netwatchd.daemon"]
 
 
@@ -32,10 +31,8 @@ class RunningDaemon:
     def _pump(self) -> None:
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
-            try:
+            with contextlib.suppress(ValueError):
                 self.logs.append(json.loads(line))
-            except ValueError:
-                pass
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
         url = f"http://127.0.0.1:{self.port}{path}"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from netwatchd.lab.traffic import ping, send_udp, start_tcp_server, tcp_connect
+from netwatchd.lab.traffic import ping, send_udp, tcp_connect
 from tests.support import bpf_programs, start_netwatchd
 
 pytestmark = pytest.mark.kernel
