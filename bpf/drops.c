@@ -31,11 +31,18 @@ struct drop_val {
 BPF_HASH(drops, struct drop_key, struct drop_val, DROPS_MAX_ENTRIES);
 /* [0]: drops that could not be counted because the map was full. */
 BPF_ARRAY(drops_overflow, u64, 1);
+/* reason number -> 1 to skip it (--ignore-drop-reasons), filled by user space after load. */
+BPF_ARRAY(ignored_reasons, u8, MAX_REASONS);
 
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
     int reason = (int)args->reason;
     if (reason == REASON_CONSUMED || reason == 0 /* SKB_NOT_DROPPED_YET */)
+        return 0;
+
+    u32 r = reason;
+    u8 *ignored = ignored_reasons.lookup(&r);
+    if (ignored && *ignored)
         return 0;
 
     const void *skb = args->skbaddr;

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-series", type=int, default=10000,
                    help="series budget per metric family; beyond it pods fold into pod=__overflow__")
     p.add_argument("--drops-map-entries", type=int, default=16384, help="capacity of the drops BPF map")
+    p.add_argument("--ignore-drop-reasons", default="",
+                   help="comma-separated kernel drop reasons not to count (e.g. NOT_SPECIFIED); default none")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -108,6 +110,7 @@ class Daemon:
         for probe in self.probes:
             if probe.name == "drops":
                 probe.max_entries = self.args.drops_map_entries
+                probe.ignore_reasons = tuple(r.strip() for r in self.args.ignore_drop_reasons.split(",") if r.strip())
             missing = [f"{h.kind} {h.target}" for h in probe.hooks
                        if h.kind not in available
                        or (h.kind == "tracepoint" and not hooks.tracepoint_exists(self.tracefs, h.target))]

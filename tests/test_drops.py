@@ -112,3 +112,17 @@ def test_sigint_also_exits_cleanly(node):
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(20) == 0
     assert ours and not ours & set(bpf_programs())
+
+
+def test_ignored_reason_is_filtered_in_the_kernel(node):
+    a, b = node.pods["default/a"], node.pods["default/b"]
+    d = start_netwatchd(["--pod-cidr", node.pod_cidr, "--ignore-drop-reasons", "NO_SOCKET"], netns=node.netns)
+    try:
+        assert tcp_connect(a, b.ip, 9, timeout=2) == "refused"
+        a_drop = dict(reason="NETFILTER_DROP", protocol="udp", traffic_class="pod_to_pod_local")
+        node.iptables("-I", "FORWARD", "-s", a.ip, "-d", b.ip, "-p", "udp", "-j", "DROP")
+        send_udp(a, b.ip, 7777, 3)
+        assert settled(d, 3, **a_drop) == 3  # the probe is running and counting other reasons
+        assert d.value("netwatch_drops_total", reason="NO_SOCKET") == 0
+    finally:
+        assert d.stop() == 0

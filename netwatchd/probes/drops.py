@@ -57,8 +57,9 @@ class DropsProbe:
     name = "drops"
     hooks = (Hook("tracepoint", "skb:kfree_skb"),)
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ignore_reasons: tuple[str, ...] = ()) -> None:
         self.max_entries = max_entries
+        self.ignore_reasons = ignore_reasons
         self._bpf = None
         self.reasons: dropreasons.DropReasons | None = None
 
@@ -68,9 +69,18 @@ class DropsProbe:
             consumed = ctx.btf.enum_values("skb_drop_reason").get("SKB_CONSUMED", -1)
         except Exception:  # noqa: BLE001 - an old kernel without the enum has no SKB_CONSUMED either
             consumed = -1
+        unknown = [r for r in self.ignore_reasons if self.reasons.number(r) is None]
+        if unknown:
+            raise ValueError(f"unknown drop reason(s) {', '.join(unknown)} on this kernel "
+                             f"(known: {', '.join(sorted(self.reasons.values()))})")
+        max_reasons = max(self.reasons) + 1
         self._bpf = compile_program(
-            "drops.c", ctx.btf, {"DROPS_MAX_ENTRIES": self.max_entries, "REASON_CONSUMED": consumed}
+            "drops.c", ctx.btf,
+            {"DROPS_MAX_ENTRIES": self.max_entries, "REASON_CONSUMED": consumed, "MAX_REASONS": max_reasons},
         )
+        ignored = self._bpf["ignored_reasons"]
+        for name in self.ignore_reasons:
+            ignored[ignored.Key(self.reasons.number(name))] = ignored.Leaf(1)
 
     def detach(self) -> None:
         if self._bpf is not None:
