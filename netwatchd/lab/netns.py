@@ -77,10 +77,6 @@ def _ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
     return json.loads(_run(["ip", "-n", netns, "-j", *args]).stdout or "[]")
 
 
-def _family_flag(addr: str) -> str:
-    return "-6" if ipaddress.ip_address(addr).version == 6 else "-4"
-
-
 # ---------------------------------------------------------------------------------------------------
 # Namespaces in general: every endpoint (node, pod, internet host) is a netns with run/popen.
 # ---------------------------------------------------------------------------------------------------
