@@ -1,6 +1,7 @@
 /* drops: every packet the kernel frees as dropped (tracepoint skb:kfree_skb), counted in the kernel.
  *
- * One hash entry per (addresses, protocol, reason, netns, ifindex); user space reads the map on an
+ * One hash entry per (addresses, conntrack's pre-DNAT destination, protocol, reason, netns, ifindex);
+ * user space reads the map on an
  * interval, turns addresses into pods and traffic classes, and exports cumulative counters. Nothing is
  * sent to user space per packet.
  *
@@ -14,13 +15,16 @@
 struct drop_key {
     u8 saddr[16];
     u8 daddr[16];
+    u8 ct_daddr[16]; /* conntrack's original destination when NAT changed it (service VIP), else 0 */
     u32 netns;      /* netns inode of the device (or socket) where the packet died */
     u32 ifindex;    /* that device's ifindex in its netns; 0 if no device */
     u16 reason;     /* enum skb_drop_reason of the running kernel */
     u16 eth_proto;  /* skb->protocol, host order */
+    u16 ct_dport;   /* conntrack's original destination port (network order) when NATed */
     u8 family;      /* 4, 6, or 0 for non-IP / no network header */
     u8 l4proto;
-    u16 pad;
+    u8 ct_flags;    /* NW_CT_* */
+    u8 pad[3];
 };
 
 struct drop_val {
@@ -56,6 +60,13 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     __builtin_memcpy(key.daddr, a.daddr, 16);
     key.family = a.family;
     key.l4proto = a.l4proto;
+    if (a.family) {
+        struct nw_ct_orig ct = {};
+        nw_skb_ct_orig(skb, &a, &ct);
+        __builtin_memcpy(key.ct_daddr, ct.daddr, 16);
+        key.ct_dport = ct.dport;
+        key.ct_flags = ct.flags;
+    }
 
     const void *dev = NW_READ(const void *, skb, SKB_DEV_OFF);
     if (dev) {

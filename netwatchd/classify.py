@@ -68,13 +68,12 @@ class ClusterView:
     host_ips: frozenset[IPAddress] = frozenset()
     node_ips: frozenset[IPAddress] = frozenset()  # every node of the cluster, when known
     service_ips: frozenset[IPAddress] = frozenset()
-    # Exact local pod IPs from the kubelet; when None we fall back to "inside this node's pod CIDR".
+    # Exact local pod IPs from the kubelet (pods whose CIDR is not known, e.g. no IPAM ranges per node).
     local_pod_ips: frozenset[IPAddress] | None = None
 
     def is_local_pod(self, ip: IPAddress) -> bool:
-        if self.local_pod_ips is not None:
-            return ip in self.local_pod_ips
-        return _in(ip, self.node_pod_cidrs)
+        """A pod the kubelet listed, or any address of this node's pod CIDR (a pod not listed yet)."""
+        return (self.local_pod_ips is not None and ip in self.local_pod_ips) or _in(ip, self.node_pod_cidrs)
 
     def is_pod(self, ip: IPAddress) -> bool:
         return _in(ip, self.cluster_cidrs) or _in(ip, self.node_pod_cidrs)

@@ -12,20 +12,37 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from netwatchd.classify import CONTAINER_TO_CONTAINER, HOST, INGRESS, ClusterView, classify
+from netwatchd.classify import (
+    CONTAINER_TO_CONTAINER,
+    EXTERNAL_TO_POD,
+    HOST,
+    INGRESS,
+    POD_TO_SERVICE,
+    Attribution,
+    ClusterView,
+    classify,
+)
 from netwatchd.identity.local import NODE, PodRef
 from netwatchd.probes.drops import DropRecord
 
-DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod")
+DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace",
+               "service")
+_NS, _POD = 4, 5  # positions of namespace and pod in every label tuple
+L4_PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 OVERFLOW_POD = "__overflow__"
 
 
 class Resolver(Protocol):
     source: str
+    unknown_pod: PodRef  # label for a local pod address the resolver cannot name (yet)
 
-    def pod_for_ip(self, ip) -> PodRef: ...
+    def pod_for_ip(self, ip) -> PodRef | None: ...
 
-    def pod_for_netns(self, netns: int) -> PodRef: ...
+    def pod_for_netns(self, netns: int) -> PodRef | None: ...
+
+    def service_for_ip(self, ip) -> tuple[str, str] | None: ...
+
+    def service_for_nodeport(self, port: int, proto: int | str) -> tuple[str, str] | None: ...
 
 
 @dataclass
@@ -64,20 +81,52 @@ class DropAccounting:
         self._idle: set[bytes] = set()
         self.lock = threading.Lock()
 
+    def _local_pod(self, ip) -> PodRef:
+        pod = self.resolver.pod_for_ip(ip)
+        return pod if pod is not None and pod != NODE else self.resolver.unknown_pod
+
+    def _service(self, rec: DropRecord) -> tuple[tuple[str, str] | None, object]:
+        """The service a packet was addressed to, and that address: conntrack's pre-DNAT destination if
+        NAT rewrote it (kube-proxy), else the packet's own destination (a VIP before DNAT)."""
+        target = rec.orig_dst if rec.orig_dst is not None else (rec.src if rec.ct_reply else rec.dst)
+        svc = self.resolver.service_for_ip(target)
+        if svc is None and rec.orig_dst is not None and rec.orig_dport and self.view.is_node(rec.orig_dst):
+            svc = self.resolver.service_for_nodeport(rec.orig_dport, L4_PROTO_NUMBERS.get(rec.protocol, 0))
+        return svc, target
+
+    def attribute(self, rec: DropRecord) -> tuple[Attribution, tuple[str, str] | None]:
+        """Class, direction and local endpoint of an IP record, seen through conntrack's NAT if any."""
+        src, dst = rec.src, rec.dst
+        svc, target = self._service(rec)
+        if rec.orig_dst is not None:
+            # Classify the flow as the client addressed it: client -> VIP (replies: VIP -> client).
+            src, dst = (rec.orig_dst, rec.dst) if rec.ct_reply else (rec.src, rec.orig_dst)
+        att = classify(self.view, src, dst)
+        if svc is not None and att.traffic_class not in (POD_TO_SERVICE, CONTAINER_TO_CONTAINER):
+            # A node port (or an externalIP) is a service even though its address is a node's.
+            if att.local_ip is not None:
+                att = Attribution(POD_TO_SERVICE, att.direction, att.local_ip)
+            elif att.local_ip is None:
+                att = Attribution(EXTERNAL_TO_POD, att.direction, None)
+        if att.traffic_class not in (POD_TO_SERVICE, EXTERNAL_TO_POD):
+            svc = None
+        return att, svc
+
     def labels_for(self, rec: DropRecord) -> tuple[str, ...]:
-        """Attribute one record to (reason, protocol, class, direction, namespace, pod)."""
+        """Attribute one record to (reason, protocol, class, direction, namespace, pod, service ns, service)."""
         reason = self.reason_name(rec.reason)
         if rec.src is None or rec.dst is None:
             # No IP header (ARP, or dropped before L3): the netns it died in is all we know.
-            pod = self.resolver.pod_for_netns(rec.netns)
-            return (reason, rec.protocol, HOST, INGRESS, pod.namespace, pod.pod)
-        att = classify(self.view, rec.src, rec.dst)
+            pod = self.resolver.pod_for_netns(rec.netns) or NODE
+            return (reason, rec.protocol, HOST, INGRESS, pod.namespace, pod.pod, "", "")
+        att, svc = self.attribute(rec)
         if att.traffic_class == CONTAINER_TO_CONTAINER:
-            pod = self.resolver.pod_for_netns(rec.netns)
+            pod = self.resolver.pod_for_netns(rec.netns) or NODE
             cls = HOST if rec.netns == self.host_netns and pod == NODE else CONTAINER_TO_CONTAINER
-            return (reason, rec.protocol, cls, att.direction, pod.namespace, pod.pod)
-        pod = self.resolver.pod_for_ip(att.local_ip) if att.local_ip is not None else NODE
-        return (reason, rec.protocol, att.traffic_class, att.direction, pod.namespace, pod.pod)
+            return (reason, rec.protocol, cls, att.direction, pod.namespace, pod.pod, "", "")
+        pod = self._local_pod(att.local_ip) if att.local_ip is not None else NODE
+        svc_ns, svc_name = svc or ("", "")
+        return (reason, rec.protocol, att.traffic_class, att.direction, pod.namespace, pod.pod, svc_ns, svc_name)
 
     def update(self, records: Iterable[DropRecord]) -> None:
         """Add each key's growth since the previous read to its label set's totals."""
@@ -92,7 +141,7 @@ class DropAccounting:
                 if dp == 0:
                     idle.add(rec.key)
                     continue
-                labels = self.budget.admit(self.labels_for(rec), 5, 4)
+                labels = self.budget.admit(self.labels_for(rec), _POD, _NS)
                 self.packets[labels] = self.packets.get(labels, 0) + dp
                 self.bytes[labels] = self.bytes.get(labels, 0) + db
             self._idle = idle
@@ -106,6 +155,20 @@ class DropAccounting:
             for k in keys:
                 self._last.pop(k, None)
                 self._idle.discard(k)
+
+    def forget_pod(self, namespace: str, pod: str) -> int:
+        """Drop every series of a pod that went away (after the grace period); returns how many."""
+        with self.lock:
+            gone = [k for k in self.packets if k[_NS] == namespace and k[_POD] == pod]
+            for k in gone:
+                self.packets.pop(k, None)
+                self.bytes.pop(k, None)
+                self.budget.seen.discard(k)
+            return len(gone)
+
+    def series(self) -> int:
+        with self.lock:
+            return len(self.packets)
 
     def snapshot(self) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
         with self.lock:

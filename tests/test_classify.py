@@ -44,10 +44,11 @@ def test_classify(src, dst, cls, direction, local):
     assert att.local_ip == (ipaddress.ip_address(local) if local else None)
 
 
-def test_exact_local_pod_ips_override_cidr():
-    """With the kubelet's pod list, only real local pods are local; the rest of the node CIDR is not."""
-    view = ClusterView(**{**VIEW.__dict__, "local_pod_ips": frozenset({ipaddress.ip_address("10.244.1.5")})})
-    assert classify(view, ipaddress.ip_address("10.244.1.7"), ipaddress.ip_address("10.244.1.5")).direction == "ingress"
+def test_kubelet_pod_ips_add_to_the_node_cidr():
+    """Pods the kubelet lists are local even outside the node's CIDR; unlisted CIDR addresses stay local."""
+    view = ClusterView(**{**VIEW.__dict__, "local_pod_ips": frozenset({ipaddress.ip_address("10.250.0.5")})})
+    att = classify(view, ipaddress.ip_address("10.250.0.5"), ipaddress.ip_address("10.244.1.7"))
+    assert (att.traffic_class, att.direction, str(att.local_ip)) == ("pod_to_pod_local", "egress", "10.250.0.5")
 
 
 def test_parse_cidrs_accepts_repeats_and_commas():

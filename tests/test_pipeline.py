@@ -12,6 +12,14 @@ VIEW = ClusterView(node_pod_cidrs=parse_cidrs(["10.244.1.0/24"]), cluster_cidrs=
 
 class PodsByIp:
     source = "test"
+    unknown_pod = PodRef("", "unknown")
+    services: dict = {}
+
+    def service_for_ip(self, ip):
+        return self.services.get(str(ip))
+
+    def service_for_nodeport(self, port, proto):
+        return None
 
     def __init__(self, pods):
         self.pods = pods
@@ -36,7 +44,7 @@ def test_growth_is_counted_once_and_survives_eviction():
     acct = DropAccounting(VIEW, PodsByIp({"10.244.1.5": PodRef("default", "a")}), names)
     acct.update([rec("10.244.1.5", "10.244.1.6", 3)])
     acct.update([rec("10.244.1.5", "10.244.1.6", 5)])
-    labels = ("NO_SOCKET", "tcp", "pod_to_pod_local", "egress", "default", "a")
+    labels = ("NO_SOCKET", "tcp", "pod_to_pod_local", "egress", "default", "a", "", "")
     assert acct.snapshot()[0] == {labels: 5}
     # the entry is idle, evicted, then re-created by the kernel from zero: totals keep growing
     acct.update([rec("10.244.1.5", "10.244.1.6", 5)])
@@ -60,7 +68,7 @@ def test_series_budget_folds_new_pods():
     acct.update([rec(f"10.244.1.{i}", "10.244.2.1", 1, key=bytes([i])) for i in range(1, 6)])
     pods_seen = sorted(labels[5] for labels in acct.snapshot()[0])
     assert pods_seen == [OVERFLOW_POD, "p1", "p2"]
-    assert acct.snapshot()[0][("NO_SOCKET", "tcp", "pod_to_pod_remote", "egress", "", OVERFLOW_POD)] == 3
+    assert acct.snapshot()[0][("NO_SOCKET", "tcp", "pod_to_pod_remote", "egress", "", OVERFLOW_POD, "", "")] == 3
     assert acct.budget.folded == 3
 
 
@@ -70,3 +78,29 @@ def test_decoders():
     assert decode_addr(bytes(16), 0) is None
     assert protocol_name(4, 6, 0x800) == "tcp" and protocol_name(6, 58, 0x86DD) == "icmpv6"
     assert protocol_name(0, 0, 0x0806) == "arp" and protocol_name(4, 200, 0x800) == "other"
+
+
+def test_drop_after_dnat_belongs_to_the_service_and_client():
+    """conntrack's original destination (the VIP) names the service; the client pod owns the drop."""
+    resolver = PodsByIp({"10.244.1.5": PodRef("default", "client")})
+    resolver.services = {"10.96.0.10": ("shop", "cart")}
+    acct = DropAccounting(VIEW, resolver, names)
+    after_dnat = DropRecord(key=b"x", src=ipaddress.ip_address("10.244.1.5"), dst=ipaddress.ip_address("10.244.2.7"),
+                            protocol="tcp", reason=12, netns=1, ifindex=2, packets=2, bytes=120,
+                            orig_dst=ipaddress.ip_address("10.96.0.10"), orig_dport=80)
+    reply = DropRecord(key=b"y", src=ipaddress.ip_address("10.244.2.7"), dst=ipaddress.ip_address("10.244.1.5"),
+                       protocol="tcp", reason=12, netns=1, ifindex=2, packets=1, bytes=60,
+                       orig_dst=ipaddress.ip_address("10.96.0.10"), orig_dport=80, ct_reply=True)
+    acct.update([after_dnat, reply])
+    assert acct.snapshot()[0] == {
+        ("NETFILTER_DROP", "tcp", "pod_to_service", "egress", "default", "client", "shop", "cart"): 2,
+        ("NETFILTER_DROP", "tcp", "pod_to_service", "ingress", "default", "client", "shop", "cart"): 1,
+    }
+
+
+def test_unlisted_local_pod_is_unknown_and_gone_pods_are_forgotten():
+    acct = DropAccounting(VIEW, PodsByIp({"10.244.1.5": PodRef("default", "a")}), names)
+    acct.update([rec("10.244.1.9", "10.244.2.1", 1, key=b"u"), rec("10.244.1.5", "10.244.2.1", 1, key=b"a")])
+    pods = {(k[4], k[5]) for k in acct.snapshot()[0]}
+    assert pods == {("", "unknown"), ("default", "a")}
+    assert acct.forget_pod("default", "a") == 1 and acct.series() == 1

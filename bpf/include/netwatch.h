@@ -77,4 +77,51 @@ static __always_inline u32 nw_sock_netns(const void *sk)
     return net ? NW_READ(u32, net, NET_NS_INUM_OFF) : 0;
 }
 
+/* The original destination of a packet's conntrack entry, when NAT rewrote it (kube-proxy's DNAT to a
+ * service backend): lets user space attribute drops seen after DNAT to the service VIP / node port. */
+struct nw_ct_orig {
+    u8 daddr[16];
+    u16 dport;   /* network order, as in the tuple */
+    u8 flags;    /* NW_CT_* */
+};
+#define NW_CT_NATTED 1  /* original destination differs from the packet's (original direction) */
+#define NW_CT_REPLY 2   /* reply direction: the original destination is this packet's un-NATed source */
+#define NW_IP_CT_IS_REPLY 3
+#define NW_IP_CT_UNTRACKED 7
+
+static __always_inline int nw_addr_eq(const u8 *a, const u8 *b)
+{
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        if (a[i] != b[i])
+            return 0;
+    return 1;
+}
+
+static __always_inline void nw_skb_ct_orig(const void *skb, const struct nw_addrs *pkt, struct nw_ct_orig *out)
+{
+#if defined(SKB_NFCT_OFF) && defined(NFCONN_TUPLE_ORIG_OFF)
+    unsigned long nfct = NW_READ(unsigned long, skb, SKB_NFCT_OFF);
+    u32 ctinfo = nfct & 7;  /* NFCT_INFOMASK */
+    const char *ct = (const char *)(nfct & ~7UL);
+    if (!ct || ctinfo == NW_IP_CT_UNTRACKED)
+        return;
+    const char *orig = ct + NFCONN_TUPLE_ORIG_OFF;
+    u8 odst[16] = {};
+    bpf_probe_read_kernel(odst, sizeof(odst), orig + CT_TUPLE_DST_U3_OFF);
+    u16 odport = NW_READ(u16, orig, CT_TUPLE_DST_PORT_OFF);
+    if (ctinfo >= NW_IP_CT_IS_REPLY) {
+        if (nw_addr_eq(odst, pkt->saddr))
+            return;
+        out->flags = NW_CT_NATTED | NW_CT_REPLY;
+    } else {
+        if (nw_addr_eq(odst, pkt->daddr))
+            return;
+        out->flags = NW_CT_NATTED;
+    }
+    __builtin_memcpy(out->daddr, odst, 16);
+    out->dport = odport;
+#endif
+}
+
 #endif /* NETWATCH_H */

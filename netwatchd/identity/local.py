@@ -47,9 +47,16 @@ class StandaloneResolver:
     """Resolver without Kubernetes: no pod names; local pods are known only by address (CIDR)."""
 
     source = "standalone"
+    unknown_pod = NODE
 
     def pod_for_ip(self, ip: IPAddress) -> PodRef:
         return NODE
 
     def pod_for_netns(self, netns: int) -> PodRef:
         return NODE
+
+    def service_for_ip(self, ip: IPAddress) -> None:
+        return None
+
+    def service_for_nodeport(self, port: int, proto: int | str) -> None:
+        return None

@@ -70,6 +70,8 @@ class KubeResolver:
     """Resolver backed by the kubelet (local pods), netns scans, and the apiserver (Services, Nodes)."""
 
     source = "kubernetes"
+    # A local pod address (in this node's pod CIDR) the kubelet has not listed (yet, or it is down).
+    unknown_pod = PodRef("", "unknown")
 
     def __init__(self, node_netns_inode: int | None = None) -> None:
         # The node's own netns: a socket there belongs to the node (or a hostNetwork pod: unattributable).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from netwatchd.classify import IPAddress
@@ -18,6 +19,7 @@ from netwatchd.probes.loader import compile_program
 DEFAULT_MAX_ENTRIES = 16384
 L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 ETH_NAMES = {0x0806: "arp"}
+CT_NATTED, CT_REPLY = 1, 2  # bpf/include/netwatch.h NW_CT_*
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class DropRecord:
     ifindex: int
     packets: int
     bytes: int
+    # conntrack's original destination when NAT rewrote it (a service VIP or node port), else None
+    orig_dst: IPAddress | None = None
+    orig_dport: int = 0
+    ct_reply: bool = False
 
 
 def decode_addr(raw: bytes, family: int) -> IPAddress | None:
@@ -108,6 +114,9 @@ class DropsProbe:
                     ifindex=k.ifindex,
                     packets=v.packets,
                     bytes=v.bytes,
+                    orig_dst=decode_addr(bytes(k.ct_daddr), k.family) if k.ct_flags & CT_NATTED else None,
+                    orig_dport=socket.ntohs(k.ct_dport),
+                    ct_reply=bool(k.ct_flags & CT_REPLY),
                 )
             )
         return out

@@ -25,6 +25,16 @@ KERNEL_OFFSETS: dict[str, tuple[str, str]] = {
     "SK_NET_OFF": ("sock_common", "skc_net"),
 }
 
+# Members that only exist with some kernel options (conntrack): resolved when present, and the C code
+# guards their use with #ifdef, so a kernel without them still loads the probe (without that feature).
+# A list of (struct, member) pairs is summed: the offset of a member inside a nested array element.
+OPTIONAL_OFFSETS: dict[str, list[tuple[str, str]]] = {
+    "SKB_NFCT_OFF": [("sk_buff", "_nfct")],
+    "NFCONN_TUPLE_ORIG_OFF": [("nf_conn", "tuplehash"), ("nf_conntrack_tuple_hash", "tuple")],
+    "CT_TUPLE_DST_U3_OFF": [("nf_conntrack_tuple", "dst.u3")],
+    "CT_TUPLE_DST_PORT_OFF": [("nf_conntrack_tuple", "dst.u")],
+}
+
 
 def bpf_source_dir() -> Path:
     """The installed `netwatchd/bpf`, or the repository's `bpf/` in a development checkout."""
@@ -36,8 +46,14 @@ def bpf_source_dir() -> Path:
 
 
 def offset_cflags(btf) -> list[str]:
-    """-D flags for every entry of KERNEL_OFFSETS, resolved from the running kernel's BTF."""
-    return btf.offsets_as_cflags(KERNEL_OFFSETS)
+    """-D flags for KERNEL_OFFSETS (all required) and the OPTIONAL_OFFSETS this kernel has."""
+    flags = btf.offsets_as_cflags(KERNEL_OFFSETS)
+    for name, parts in OPTIONAL_OFFSETS.items():
+        try:
+            flags.append(f"-D{name}={sum(btf.member_offset(st, member) for st, member in parts)}")
+        except Exception:  # noqa: BLE001 - member absent on this kernel: the feature is compiled out
+            continue
+    return flags
 
 
 def compile_program(source: str, btf, defines: Mapping[str, int | str] | None = None):
