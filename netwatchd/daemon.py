@@ -18,7 +18,10 @@ from netwatchd import logging as nwlog
 from netwatchd.classify import ClusterView, parse_cidrs
 from netwatchd.export.http import MetricsServer, parse_listen
 from netwatchd.export.metrics import NetwatchCollector
+from netwatchd.identity.kubelet import IdentityError, KubeletClient
 from netwatchd.identity.local import StandaloneResolver, host_addresses, own_netns_inode
+from netwatchd.identity.manager import IdentityManager, default_node_name
+from netwatchd.identity.resolver import KubeResolver
 from netwatchd.kernel import env, hooks
 from netwatchd.kernel.hooks import HookStatus
 from netwatchd.pipeline import DropAccounting
@@ -46,6 +49,7 @@ class DaemonState:
     maps: dict[str, MapStats] = field(default_factory=dict)
     drops: DropAccounting | None = None
     identity_source: str = "standalone"
+    identity: object | None = None  # IdentityManager when Kubernetes sources are configured
     ready: bool = False
 
 
@@ -58,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this node's pod CIDR(s); repeat or comma-separate (v4 and v6)")
     p.add_argument("--cluster-cidr", action="append", default=[], help="all pods' CIDR(s) in the cluster")
     p.add_argument("--service-cidr", action="append", default=[], help="the service (ClusterIP) CIDR(s)")
+    k = p.add_argument_group("pod identity (kubelet) and cluster view (apiserver)")
+    k.add_argument("--kubelet-url", default=os.environ.get("NETWATCHD_KUBELET_URL"),
+                   help="kubelet base URL, e.g. https://$(NODE_IP):10250; unset: standalone (no pod names)")
+    k.add_argument("--kubelet-token-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token",
+                   help="bearer token file (re-read on every request) (default %(default)s)")
+    k.add_argument("--kubelet-ca-file", default="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+                   help="CA bundle that signed the kubelet's serving certificate (default %(default)s)")
+    k.add_argument("--kubelet-insecure", action="store_true",
+                   help="do not verify the kubelet's certificate (or use the plain-HTTP read-only port)")
+    k.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig for the apiserver; default: in-cluster config when running in a pod")
+    k.add_argument("--no-apiserver", action="store_true", help="do not watch Services/Nodes")
+    k.add_argument("--node-name", default=None, help="this node's name (default $NODE_NAME or the hostname)")
+    k.add_argument("--identity-interval", type=float, default=10.0,
+                   help="seconds between kubelet pod lists (link changes trigger one sooner) (default %(default)s)")
+    k.add_argument("--pod-series-grace", type=float, default=60.0,
+                   help="seconds a gone pod's series are kept before they disappear (default %(default)s)")
     p.add_argument("--probes", default=",".join(registry.PROBES),
                    help="comma-separated probes to load (default: all: %(default)s)")
     p.add_argument("--interval", type=float, default=2.0,
@@ -87,10 +108,42 @@ class Daemon:
             host_ips=host_addresses(),
         )
         self.resolver = StandaloneResolver()
+        self.identity: IdentityManager | None = None
         self.probes = registry.build([n.strip() for n in args.probes.split(",") if n.strip()])
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._last_refresh = 0.0
+
+    def start_identity(self) -> None:
+        """Use the kubelet (and the apiserver) when configured; standalone otherwise."""
+        a = self.args
+        api_client = None
+        if not a.no_apiserver and (a.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
+            from netwatchd.identity.apiserver import load_api_client
+
+            try:
+                api_client = load_api_client(a.kubeconfig)
+            except IdentityError as exc:
+                self.log.warning("apiserver_unavailable", error=str(exc), fallback="--pod-cidr/--cluster-cidr/"
+                                 "--service-cidr flags")
+        if not a.kubelet_url and api_client is None:
+            return
+        kubelet = None
+        if a.kubelet_url:
+            kubelet = KubeletClient(a.kubelet_url, token_file=a.kubelet_token_file,
+                                    ca_file=None if a.kubelet_insecure else a.kubelet_ca_file,
+                                    insecure=a.kubelet_insecure)
+        resolver = KubeResolver(own_netns_inode())
+        self.resolver = resolver
+        self.state.identity_source = "kubernetes"
+        self.identity = IdentityManager(resolver, self.view, kubelet, interval=a.identity_interval,
+                                        grace=a.pod_series_grace, on_pod_gone=self._pod_gone)
+        self.state.identity = self.identity
+        self.identity.start(api_client, a.node_name or default_node_name())
+
+    def _pod_gone(self, namespace: str, name: str) -> None:
+        removed = self.state.drops.forget_pod(namespace, name) if self.state.drops else 0
+        self.log.info("pod_series_removed", namespace=namespace, pod=name, series=removed)
 
     def detect_hooks(self) -> None:
         def btf_has(name: str) -> bool:
@@ -167,6 +220,7 @@ class Daemon:
         registry_.register(NetwatchCollector(self.state, self.refresh))
         server = MetricsServer(self.args.listen, registry_, self.ready)
         try:
+            self.start_identity()
             self.attach_probes()
             server.start()
             self.state.ready = True
@@ -180,6 +234,8 @@ class Daemon:
                     self.log.exception("refresh_failed")
         finally:
             server.close()
+            if self.identity:
+                self.identity.stop()
             self.detach_all()
         return 0
 

@@ -47,11 +47,18 @@ MAP_EVICTIONS = MetricSpec("netwatch_bpf_map_evictions", "counter",
 SERIES_FOLDED = MetricSpec("netwatch_series_budget_folded", "counter",
                            "Increments folded into pod=\"__overflow__\" because the series budget was reached.",
                            ("metric",))
+IDENTITY_UP = MetricSpec("netwatch_identity_up", "gauge",
+                         "1 while an identity source (kubelet, apiserver) answers; 0 while netwatchd keeps "
+                         "counting on the last good data.", ("source",))
+IDENTITY_PODS = MetricSpec("netwatch_identity_pods", "gauge", "Local pods known from the kubelet.", ())
+IDENTITY_ERRORS = MetricSpec("netwatch_identity_errors", "counter",
+                             "Failed identity refreshes by source and kind (unreachable, timeout, unauthorized, "
+                             "malformed, http_error).", ("source", "kind"))
 BUILD_INFO = MetricSpec("netwatch_build", "info", "netwatchd version and data sources.",
                         ("version", "identity"))
 
 METRICS = (DROPS, DROPPED_BYTES, PROBE_ATTACHED, HOOK_AVAILABLE, MAP_ENTRIES, MAP_CAPACITY, MAP_OVERFLOW,
-           MAP_EVICTIONS, SERIES_FOLDED, BUILD_INFO)
+           MAP_EVICTIONS, SERIES_FOLDED, IDENTITY_UP, IDENTITY_PODS, IDENTITY_ERRORS, BUILD_INFO)
 
 
 def exposed_name(spec: MetricSpec) -> str:
@@ -103,6 +110,16 @@ class NetwatchCollector(Collector):
         if st.drops:
             folded.add_metric([exposed_name(DROPS)], st.drops.budget.folded)
         yield folded
+
+        up, pods, errors = family(IDENTITY_UP), family(IDENTITY_PODS), family(IDENTITY_ERRORS)
+        ident = st.identity
+        if ident is not None:
+            for source, ok in sorted(ident.sources_up().items()):
+                up.add_metric([source], 1.0 if ok else 0.0)
+            pods.add_metric([], len(ident.resolver.pods))
+            for (source, kind), n in sorted(ident.errors.items()):
+                errors.add_metric([source, kind], n)
+        yield from (up, pods, errors)
 
         info = InfoMetricFamily(BUILD_INFO.name, BUILD_INFO.help)
         info.add_metric([], {"version": netwatchd.__version__, "identity": st.identity_source})
