@@ -14,7 +14,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 import netwatchd
-from netwatchd.export.metrics import METRICS, exposed_name
+from netwatchd.export.metrics import all_metrics, exposed_name
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 3, 2
 
@@ -61,7 +61,7 @@ def cmd_drops(args) -> int:
 
 def cmd_metrics(args) -> int:
     rows = [{"metric": exposed_name(m), "type": m.kind, "labels": ",".join(m.labels), "help": m.help}
-            for m in METRICS]
+            for m in all_metrics()]
     if args.output == "json":
         json.dump(rows, sys.stdout, indent=2)
         print()

@@ -24,19 +24,8 @@ from netwatchd.identity.manager import IdentityManager, default_node_name
 from netwatchd.identity.resolver import KubeResolver
 from netwatchd.kernel import env, hooks
 from netwatchd.kernel.hooks import HookStatus
-from netwatchd.pipeline import DropAccounting
 from netwatchd.probes import registry
 from netwatchd.probes.base import ProbeContext
-
-EVICT_AT = 0.75  # evict idle entries once a map is this full
-
-
-@dataclass
-class MapStats:
-    entries: int = 0
-    capacity: int = 0
-    overflow: int = 0
-    evictions: int = 0
 
 
 @dataclass
@@ -44,10 +33,9 @@ class DaemonState:
     """Everything the collectors and the JSON API read; written by the refresh loop."""
 
     hooks: list[HookStatus] = field(default_factory=list)
+    probes: list = field(default_factory=list)
     probe_status: dict[tuple[str, str], bool] = field(default_factory=dict)
     probe_errors: dict[str, str] = field(default_factory=dict)
-    maps: dict[str, MapStats] = field(default_factory=dict)
-    drops: DropAccounting | None = None
     identity_source: str = "standalone"
     identity: object | None = None  # IdentityManager when Kubernetes sources are configured
     ready: bool = False
@@ -110,6 +98,7 @@ class Daemon:
         self.resolver = StandaloneResolver()
         self.identity: IdentityManager | None = None
         self.probes = registry.build([n.strip() for n in args.probes.split(",") if n.strip()])
+        self.state.probes = self.probes
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._last_refresh = 0.0
@@ -142,7 +131,8 @@ class Daemon:
         self.identity.start(api_client, a.node_name or default_node_name())
 
     def _pod_gone(self, namespace: str, name: str) -> None:
-        removed = self.state.drops.forget_pod(namespace, name) if self.state.drops else 0
+        with self.lock:
+            removed = sum(p.forget_pod(namespace, name) for p in self.probes if p.name not in self.state.probe_errors)
         self.log.info("pod_series_removed", namespace=namespace, pod=name, series=removed)
 
     def detect_hooks(self) -> None:
@@ -158,12 +148,10 @@ class Daemon:
             self.log.info("hook_detected", hook=h.kind, available=h.available, detail=h.detail)
 
     def attach_probes(self) -> None:
-        ctx = ProbeContext(btf=self.btf, tracefs=self.tracefs, settings={})
+        ctx = ProbeContext(btf=self.btf, tracefs=self.tracefs, settings=self.args, view=self.view,
+                           resolver=self.resolver, host_netns=own_netns_inode())
         available = {h.kind for h in self.state.hooks if h.available}
         for probe in self.probes:
-            if probe.name == "drops":
-                probe.max_entries = self.args.drops_map_entries
-                probe.ignore_reasons = tuple(r.strip() for r in self.args.ignore_drop_reasons.split(",") if r.strip())
             missing = [f"{h.kind} {h.target}" for h in probe.hooks
                        if h.kind not in available
                        or (h.kind == "tracepoint" and not hooks.tracepoint_exists(self.tracefs, h.target))]
@@ -173,7 +161,8 @@ class Daemon:
                     probe.attach(ctx)
                 except Exception as exc:  # noqa: BLE001 - a failed probe degrades, never stops the daemon
                     probe.detach()
-                    ok, why = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:] or ''}"
+                    lines = str(exc).strip().splitlines()
+                    ok, why = False, f"{type(exc).__name__}: {lines[-1] if lines else ''}"
             for h in probe.hooks:
                 self.state.probe_status[(probe.name, f"{h.kind}:{h.target}")] = ok
             if ok:
@@ -181,32 +170,17 @@ class Daemon:
             else:
                 self.state.probe_errors[probe.name] = why
                 self.log.warning("probe_not_attached", probe=probe.name, reason=why)
-            if probe.name == "drops" and ok:
-                self.state.drops = DropAccounting(self.view, self.resolver, probe.reasons.name,
-                                                  series_limit=self.args.max_series,
-                                                  host_netns=own_netns_inode())
-                self.state.maps["drops"] = MapStats(capacity=probe.max_entries)
 
     def refresh(self) -> None:
-        """Read every map once and fold it into the label totals (serialised; scrapes share it)."""
+        """Read every probe's maps once and fold them into label totals (serialised; scrapes share it)."""
         with self.lock:
             now = time.monotonic()
             if now - self._last_refresh < 0.05:
                 return
             self._last_refresh = now
             for probe in self.probes:
-                if probe.name == "drops" and probe.attached and self.state.drops:
-                    records = probe.read()
-                    acct = self.state.drops
-                    acct.update(records)
-                    stats = self.state.maps["drops"]
-                    stats.entries = len(records)
-                    stats.overflow = probe.overflow()
-                    if len(records) >= EVICT_AT * probe.max_entries:
-                        idle = acct.idle_keys()
-                        probe.evict(idle)
-                        acct.forget(idle)
-                        stats.evictions += len(idle)
+                if probe.name not in self.state.probe_errors:
+                    probe.refresh()
 
     def ready(self) -> tuple[bool, str]:
         if not self.state.ready:

@@ -25,8 +25,6 @@ from netwatchd.classify import (
 from netwatchd.identity.local import NODE, PodRef
 from netwatchd.probes.drops import DropRecord
 
-DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace",
-               "service")
 _NS, _POD = 4, 5  # positions of namespace and pod in every label tuple
 L4_PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 OVERFLOW_POD = "__overflow__"

@@ -1,7 +1,8 @@
 """Prometheus collectors: read what the kernel counted at scrape time and yield metric families.
 
-Every metric netwatchd exports is declared here once (name, help, labels in a fixed order); `METRICS`
-doubles as the reference table printed by `netwatchctl metrics` and kept in the README.
+Each metric is declared once as a `MetricSpec` (name, help, labels in a fixed order): the daemon's own
+metrics here, each probe's in its module (`Probe.metrics`). `all_metrics()` is the reference table printed
+by `netwatchctl metrics` and kept in the README.
 """
 
 from __future__ import annotations
@@ -9,26 +10,30 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 import netwatchd
-from netwatchd.pipeline import DROP_LABELS
 
 
 @dataclass(frozen=True)
 class MetricSpec:
     name: str  # without the _total suffix for counters, as prometheus_client expects
-    kind: str
+    kind: str  # counter | gauge | histogram | info
     help: str
     labels: tuple[str, ...]
 
 
-DROPS = MetricSpec("netwatch_drops", "counter",
-                   "Packets dropped by the kernel, by kernel drop reason and traffic class of the local side.",
-                   DROP_LABELS)
-DROPPED_BYTES = MetricSpec("netwatch_dropped_bytes", "counter",
-                           "Bytes of the packets counted in netwatch_drops_total.", DROP_LABELS)
+def exposed_name(spec: MetricSpec) -> str:
+    return {"counter": f"{spec.name}_total", "info": f"{spec.name}_info"}.get(spec.kind, spec.name)
+
+
+def family(spec: MetricSpec):
+    """An empty prometheus_client family for `spec`, labels in the declared order."""
+    cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[spec.kind]
+    return cls(spec.name, spec.help, labels=list(spec.labels))
+
+
 PROBE_ATTACHED = MetricSpec("netwatch_probe_attached", "gauge",
                             "1 when the probe's hook is attached, 0 when it is missing or failed.",
                             ("probe", "hook"))
@@ -57,17 +62,18 @@ IDENTITY_ERRORS = MetricSpec("netwatch_identity_errors", "counter",
 BUILD_INFO = MetricSpec("netwatch_build", "info", "netwatchd version and data sources.",
                         ("version", "identity"))
 
-METRICS = (DROPS, DROPPED_BYTES, PROBE_ATTACHED, HOOK_AVAILABLE, MAP_ENTRIES, MAP_CAPACITY, MAP_OVERFLOW,
-           MAP_EVICTIONS, SERIES_FOLDED, IDENTITY_UP, IDENTITY_PODS, IDENTITY_ERRORS, BUILD_INFO)
+DAEMON_METRICS = (PROBE_ATTACHED, HOOK_AVAILABLE, MAP_ENTRIES, MAP_CAPACITY, MAP_OVERFLOW, MAP_EVICTIONS,
+                  SERIES_FOLDED, IDENTITY_UP, IDENTITY_PODS, IDENTITY_ERRORS, BUILD_INFO)
 
 
-def exposed_name(spec: MetricSpec) -> str:
-    return {"counter": f"{spec.name}_total", "info": f"{spec.name}_info"}.get(spec.kind, spec.name)
+def all_metrics() -> tuple[MetricSpec, ...]:
+    """Every metric netwatchd can export: each registered probe's, then the daemon's."""
+    from netwatchd.probes.registry import PROBES
 
-
-def family(spec: MetricSpec):
-    cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}[spec.kind]
-    return cls(spec.name, spec.help, labels=list(spec.labels))
+    specs: list[MetricSpec] = []
+    for factory in PROBES.values():
+        specs.extend(getattr(factory, "metrics", ()))
+    return (*specs, *DAEMON_METRICS)
 
 
 class NetwatchCollector(Collector):
@@ -80,36 +86,30 @@ class NetwatchCollector(Collector):
     def collect(self) -> Iterator:
         self.refresh()
         st = self.state
-        packets, nbytes = st.drops.snapshot() if st.drops else ({}, {})
-        drops, dbytes = family(DROPS), family(DROPPED_BYTES)
-        for labels, value in sorted(packets.items()):
-            drops.add_metric(list(labels), value)
-            dbytes.add_metric(list(labels), nbytes.get(labels, 0))
-        yield drops
-        yield dbytes
+        attached = [p for p in st.probes if p.name not in st.probe_errors]
+        for probe in attached:
+            yield from probe.collect()
 
-        attached = family(PROBE_ATTACHED)
+        fam = family(PROBE_ATTACHED)
         for (probe, hook), ok in sorted(st.probe_status.items()):
-            attached.add_metric([probe, hook], 1.0 if ok else 0.0)
-        yield attached
-        hooks = family(HOOK_AVAILABLE)
+            fam.add_metric([probe, hook], 1.0 if ok else 0.0)
+        yield fam
+        fam = family(HOOK_AVAILABLE)
         for h in st.hooks:
-            hooks.add_metric([h.kind], 1.0 if h.available else 0.0)
-        yield hooks
+            fam.add_metric([h.kind], 1.0 if h.available else 0.0)
+        yield fam
 
         entries, capacity = family(MAP_ENTRIES), family(MAP_CAPACITY)
-        overflow, evictions = family(MAP_OVERFLOW), family(MAP_EVICTIONS)
-        for name, m in sorted(st.maps.items()):
-            entries.add_metric([name], m.entries)
-            capacity.add_metric([name], m.capacity)
-            overflow.add_metric([name], m.overflow)
-            evictions.add_metric([name], m.evictions)
-        yield from (entries, capacity, overflow, evictions)
-
-        folded = family(SERIES_FOLDED)
-        if st.drops:
-            folded.add_metric([exposed_name(DROPS)], st.drops.budget.folded)
-        yield folded
+        overflow, evictions, folded = family(MAP_OVERFLOW), family(MAP_EVICTIONS), family(SERIES_FOLDED)
+        for probe in attached:
+            for name, m in sorted(probe.map_stats().items()):
+                entries.add_metric([name], m.entries)
+                capacity.add_metric([name], m.capacity)
+                overflow.add_metric([name], m.overflow)
+                evictions.add_metric([name], m.evictions)
+            for metric, n in sorted(probe.folded().items()):
+                folded.add_metric([metric], n)
+        yield from (entries, capacity, overflow, evictions, folded)
 
         up, pods, errors = family(IDENTITY_UP), family(IDENTITY_PODS), family(IDENTITY_ERRORS)
         ident = st.identity

@@ -12,14 +12,23 @@ import socket
 from dataclasses import dataclass
 
 from netwatchd.classify import IPAddress
+from netwatchd.export.metrics import MetricSpec, exposed_name, family
 from netwatchd.kernel import dropreasons
-from netwatchd.probes.base import Hook, ProbeContext
+from netwatchd.probes.base import Hook, MapStats, ProbeContext
 from netwatchd.probes.loader import compile_program
 
 DEFAULT_MAX_ENTRIES = 16384
 L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 ETH_NAMES = {0x0806: "arp"}
 CT_NATTED, CT_REPLY = 1, 2  # bpf/include/netwatch.h NW_CT_*
+EVICT_AT = 0.75  # evict idle entries once the map is this full
+DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace",
+               "service")
+DROPS = MetricSpec("netwatch_drops", "counter",
+                   "Packets dropped by the kernel, by kernel drop reason and traffic class of the local side.",
+                   DROP_LABELS)
+DROPPED_BYTES = MetricSpec("netwatch_dropped_bytes", "counter",
+                           "Bytes of the packets counted in netwatch_drops_total.", DROP_LABELS)
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,24 @@ class DropsProbe:
 
     name = "drops"
     hooks = (Hook("tracepoint", "skb:kfree_skb"),)
+    metrics = (DROPS, DROPPED_BYTES)
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ignore_reasons: tuple[str, ...] = ()) -> None:
         self.max_entries = max_entries
         self.ignore_reasons = ignore_reasons
         self._bpf = None
         self.reasons: dropreasons.DropReasons | None = None
+        self.accounting = None  # pipeline.DropAccounting, created on attach
+        self.stats = MapStats(capacity=max_entries)
 
     def attach(self, ctx: ProbeContext) -> None:
+        from netwatchd.pipeline import DropAccounting
+
+        settings = ctx.settings
+        if settings is not None:
+            self.max_entries = settings.drops_map_entries
+            self.ignore_reasons = tuple(r.strip() for r in settings.ignore_drop_reasons.split(",") if r.strip())
+        self.stats = MapStats(capacity=self.max_entries)
         self.reasons = dropreasons.load(ctx.tracefs, ctx.btf)
         try:
             consumed = ctx.btf.enum_values("skb_drop_reason").get("SKB_CONSUMED", -1)
@@ -87,6 +106,39 @@ class DropsProbe:
         ignored = self._bpf["ignored_reasons"]
         for name in self.ignore_reasons:
             ignored[ignored.Key(self.reasons.number(name))] = ignored.Leaf(1)
+        self.accounting = DropAccounting(ctx.view, ctx.resolver, self.reasons.name,
+                                         series_limit=getattr(settings, "max_series", 10000),
+                                         host_netns=ctx.host_netns)
+
+    def refresh(self) -> None:
+        if self._bpf is None or self.accounting is None:
+            return
+        records = self.read()
+        self.accounting.update(records)
+        self.stats.entries = len(records)
+        self.stats.overflow = self.overflow()
+        if len(records) >= EVICT_AT * self.max_entries:
+            idle = self.accounting.idle_keys()
+            self.evict(idle)
+            self.accounting.forget(idle)
+            self.stats.evictions += len(idle)
+
+    def collect(self):
+        packets, nbytes = self.accounting.snapshot() if self.accounting else ({}, {})
+        drops, dbytes = family(DROPS), family(DROPPED_BYTES)
+        for labels, value in sorted(packets.items()):
+            drops.add_metric(list(labels), value)
+            dbytes.add_metric(list(labels), nbytes.get(labels, 0))
+        return [drops, dbytes]
+
+    def forget_pod(self, namespace: str, pod: str) -> int:
+        return self.accounting.forget_pod(namespace, pod) if self.accounting else 0
+
+    def map_stats(self) -> dict[str, MapStats]:
+        return {"drops": self.stats}
+
+    def folded(self) -> dict[str, int]:
+        return {exposed_name(DROPS): self.accounting.budget.folded} if self.accounting else {}
 
     def detach(self) -> None:
         if self._bpf is not None:
