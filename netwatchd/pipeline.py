@@ -14,6 +14,7 @@ from typing import Protocol
 
 from netwatchd.classify import (
     CONTAINER_TO_CONTAINER,
+    EGRESS,
     EXTERNAL_TO_POD,
     HOST,
     INGRESS,
@@ -171,3 +172,36 @@ class DropAccounting:
     def snapshot(self) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
         with self.lock:
             return dict(self.packets), dict(self.bytes)
+
+
+SOCKET_LABELS = ("traffic_class", "direction", "namespace", "pod", "service_namespace", "service")
+
+
+def socket_labels(view: ClusterView, resolver: Resolver, netns: int, local, remote, host_netns: int,
+                  client: bool = True) -> tuple[str, str, str, str, str, str]:
+    """Labels of a socket event (traffic_class, direction, namespace, pod, service_namespace, service).
+
+    A socket belongs to the pod whose network namespace owns it (BRIEF's rule), whatever its addresses;
+    sockets keep the service VIP as their peer even after DNAT, so the service comes from the peer address.
+    `client`: the local side opened the connection (egress) rather than accepted it (ingress).
+    """
+    direction = EGRESS if client else INGRESS
+    pod = resolver.pod_for_netns(netns) if netns else None
+    if pod is None or pod == NODE:
+        by_ip = resolver.pod_for_ip(local)
+        pod = by_ip if by_ip is not None and by_ip != NODE else NODE
+    svc = resolver.service_for_ip(remote)
+    if local == remote or local.is_loopback or remote.is_loopback:
+        cls = HOST if pod == NODE and netns in (0, host_netns) else CONTAINER_TO_CONTAINER
+    elif svc is not None or view.is_service(remote):
+        cls = POD_TO_SERVICE if pod != NODE or view.is_local_pod(local) else EXTERNAL_TO_POD
+    else:
+        src, dst = (local, remote) if client else (remote, local)
+        att = classify(view, src, dst)
+        cls = att.traffic_class
+        if pod == NODE and att.local_ip is not None:
+            pod = resolver.unknown_pod  # a local pod address, not named (yet)
+    if cls not in (POD_TO_SERVICE, EXTERNAL_TO_POD):
+        svc = None
+    svc_ns, svc_name = svc or ("", "")
+    return (cls, direction, pod.namespace, pod.pod, svc_ns, svc_name)

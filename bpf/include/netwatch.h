@@ -124,4 +124,24 @@ static __always_inline void nw_skb_ct_orig(const void *skb, const struct nw_addr
 #endif
 }
 
+/* Latency histograms, aggregated in the kernel with exactly the Prometheus buckets we export.
+ * User space passes the bucket upper bounds (ns) as NW_HIST_SLOT(v): a branch-free sum of comparisons
+ * giving the index of the first bound >= v (NW_HIST_NBOUNDS = +Inf), and NW_HIST_NBOUNDS. See
+ * netwatchd/export/histogram.py. Values are cumulative per key; user space exports deltas per label set. */
+#ifdef NW_HIST_NBOUNDS
+struct nw_hist {
+    u64 slots[NW_HIST_NBOUNDS + 1];
+    u64 sum_ns;
+};
+
+static __always_inline void nw_hist_add(struct nw_hist *h, u64 v_ns)
+{
+    u32 slot = NW_HIST_SLOT(v_ns);
+    if (slot > NW_HIST_NBOUNDS)
+        slot = NW_HIST_NBOUNDS;
+    __sync_fetch_and_add(&h->slots[slot], 1);
+    __sync_fetch_and_add(&h->sum_ns, v_ns);
+}
+#endif
+
 #endif /* NETWATCH_H */
