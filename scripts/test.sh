@@ -4,5 +4,5 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$REPO/scripts/bootstrap.sh"
 cd "$REPO"
-.venv/bin/ruff check netwatchd tests bench
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"
