@@ -132,6 +132,20 @@ def start_netwatchd(args: list[str], netns: str | None = None, env: dict | None 
     raise AssertionError(f"netwatchd did not start in {timeout}s: {''.join(d.stderr_lines)[-3000:]}")
 
 
+def prog_ids_of(pid: int) -> set[int]:
+    """IDs of the BPF programs a process holds open (its fds' /proc/<pid>/fdinfo carry `prog_id:`)."""
+    ids: set[int] = set()
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    for entry in fdinfo.iterdir() if fdinfo.exists() else ():
+        try:
+            for line in entry.read_text().splitlines():
+                if line.startswith("prog_id:"):
+                    ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
 def bpf_programs() -> dict[int, str]:
     """Every loaded BPF program: id -> name (bpftool prog show)."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from netwatchd.lab.traffic import ping, send_udp, tcp_connect
-from tests.support import bpf_programs, start_netwatchd
+from tests.support import bpf_programs, prog_ids_of, start_netwatchd
 
 pytestmark = pytest.mark.kernel
 
@@ -91,24 +91,23 @@ def test_drop_towards_local_pod_from_a_remote_pod_is_ingress(lab, node, daemon):
 
 
 def test_clean_exit_detaches_everything(node):
-    before = set(bpf_programs())
     d = start_netwatchd(["--pod-cidr", node.pod_cidr], netns=node.netns)
     try:
-        ours = {pid: name for pid, name in bpf_programs().items() if pid not in before}
-        assert any("kfree_skb" in name for name in ours.values()), ours
+        ours = prog_ids_of(d.proc.pid)
+        loaded = bpf_programs()
+        assert ours and any("kfree_skb" in loaded.get(i, "") for i in ours), (ours, loaded)
     finally:
         code = d.stop()
     assert code == 0
-    assert not set(ours) & set(bpf_programs()), "netwatchd left BPF programs attached after SIGTERM"
+    assert not ours & set(bpf_programs()), "netwatchd left BPF programs attached after SIGTERM"
     assert any(e.get("event") == "detached" for e in d.logs)
 
 
 def test_sigint_also_exits_cleanly(node):
     import signal
 
-    before = set(bpf_programs())
     d = start_netwatchd([], netns=node.netns)
-    ours = set(bpf_programs()) - before
+    ours = prog_ids_of(d.proc.pid)
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(20) == 0
     assert ours and not ours & set(bpf_programs())
