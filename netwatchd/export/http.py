@@ -20,13 +20,19 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
+def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
+             api: Callable[[str], tuple[int, bytes] | None] | None = None):
     metrics_app = make_wsgi_app(registry)
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
             return metrics_app(environ, start_response)
+        if api is not None and path.startswith("/api/"):
+            res = api(path)
+            if res is not None:
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [res[1]]
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
@@ -35,7 +41,7 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]])
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
             return [(why + "\n").encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics, /healthz, /readyz\n"]
+        return [b"not found: try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/pods, /api/v1/probes\n"]
 
     return app
 
@@ -43,13 +49,14 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]])
 class MetricsServer:
     """A threaded WSGI server in a daemon thread; `close()` stops it."""
 
-    def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
+    def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
+                 api: Callable[[str], tuple[int, bytes] | None] | None = None):
         host, port = parse_listen(listen)
 
         class Server(ThreadingWSGIServer):
             address_family, _ = _get_best_family(host, port)
 
-        self.httpd = make_server(host, port, make_app(registry, ready), Server, handler_class=_SilentHandler)
+        self.httpd = make_server(host, port, make_app(registry, ready, api), Server, handler_class=_SilentHandler)
         self.address = self.httpd.server_address[:2]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
 

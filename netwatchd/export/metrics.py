@@ -14,6 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 import netwatchd
+from netwatchd.kernel.bpfstats import prog_stats
+from netwatchd.probes.base import program_fds
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,16 @@ IDENTITY_PODS = MetricSpec("netwatch_identity_pods", "gauge", "Local pods known 
 IDENTITY_ERRORS = MetricSpec("netwatch_identity_errors", "counter",
                              "Failed identity refreshes by source and kind (unreachable, timeout, unauthorized, "
                              "malformed, http_error).", ("source", "kind"))
+PROG_RUNS = MetricSpec("netwatch_bpf_program_runs", "counter",
+                       "Times each of netwatchd's BPF programs ran (kernel BPF stats).", ("probe", "program"))
+PROG_RUN_SECONDS = MetricSpec("netwatch_bpf_program_run_seconds", "counter",
+                              "Kernel time spent in each of netwatchd's BPF programs (kernel BPF stats); "
+                              "divide by runs for the cost per event.", ("probe", "program"))
 BUILD_INFO = MetricSpec("netwatch_build", "info", "netwatchd version and data sources.",
                         ("version", "identity"))
 
 DAEMON_METRICS = (PROBE_ATTACHED, HOOK_AVAILABLE, MAP_ENTRIES, MAP_CAPACITY, MAP_OVERFLOW, MAP_EVICTIONS,
-                  SERIES_FOLDED, IDENTITY_UP, IDENTITY_PODS, IDENTITY_ERRORS, BUILD_INFO)
+                  SERIES_FOLDED, IDENTITY_UP, IDENTITY_PODS, IDENTITY_ERRORS, PROG_RUNS, PROG_RUN_SECONDS, BUILD_INFO)
 
 
 def all_metrics() -> tuple[MetricSpec, ...]:
@@ -110,6 +117,15 @@ class NetwatchCollector(Collector):
             for metric, n in sorted(probe.folded().items()):
                 folded.add_metric([metric], n)
         yield from (entries, capacity, overflow, evictions, folded)
+
+        runs, run_s = family(PROG_RUNS), family(PROG_RUN_SECONDS)
+        for probe in attached:
+            for name, fd in sorted(program_fds(probe).items()):
+                ps = prog_stats(fd)
+                if ps is not None:
+                    runs.add_metric([probe.name, name], ps.run_cnt)
+                    run_s.add_metric([probe.name, name], ps.run_time_ns / 1e9)
+        yield from (runs, run_s)
 
         up, pods, errors = family(IDENTITY_UP), family(IDENTITY_PODS), family(IDENTITY_ERRORS)
         ident = st.identity

@@ -67,3 +67,12 @@ class Probe(Protocol):
 
     def folded(self) -> dict[str, int]:
         """Per exported metric name: increments folded by the series budget."""
+
+
+def program_fds(probe: Any) -> dict[str, int]:
+    """Program name -> fd of a probe's loaded BPF programs (`programs()` if it has one, else its BCC module)."""
+    if hasattr(probe, "programs"):
+        return dict(probe.programs())
+    from netwatchd.kernel.bpfstats import bcc_program_fds
+
+    return bcc_program_fds(getattr(probe, "_bpf", None))

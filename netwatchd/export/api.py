@@ -1,0 +1,82 @@
+"""A small read-only JSON API behind `netwatchctl pods` and `netwatchctl probes` (see README).
+
+GET /api/v1/status   version, identity source and health, probes attached
+GET /api/v1/pods     what the node knows: pod, namespace, IPs, netns inode, host veth, hostNetwork, source
+GET /api/v1/probes   each probe's hooks, attached or why not, events and kernel ns per event (BPF stats)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import netwatchd
+from netwatchd.kernel.bpfstats import prog_stats
+from netwatchd.probes.base import program_fds
+
+
+def probe_programs(probe) -> list[dict]:
+    out = []
+    for name, fd in sorted(program_fds(probe).items()):
+        st = prog_stats(fd)
+        if st is None:
+            continue
+        out.append({"program": name, "prog_id": st.prog_id, "run_cnt": st.run_cnt, "run_time_ns": st.run_time_ns,
+                    "ns_per_run": round(st.ns_per_run, 1) if st.ns_per_run is not None else None})
+    return out
+
+
+def probes_doc(state) -> list[dict]:
+    docs = []
+    for probe in state.probes:
+        attached = probe.name not in state.probe_errors
+        docs.append({
+            "probe": probe.name,
+            "attached": attached,
+            "reason": state.probe_errors.get(probe.name, ""),
+            "hooks": [f"{h.kind}:{h.target}" for h in probe.hooks],
+            "programs": probe_programs(probe) if attached else [],
+        })
+    return docs
+
+
+def pods_doc(state) -> list[dict]:
+    ident = state.identity
+    if ident is None:
+        return []
+    resolver = ident.resolver
+    netns_map = resolver.netns_map
+    rows = []
+    for p in sorted(resolver.pods, key=lambda p: (p.namespace, p.name)):
+        pn = netns_map.get((p.namespace, p.name))
+        rows.append({
+            "namespace": p.namespace, "pod": p.name, "uid": p.uid, "ips": [str(ip) for ip in p.ips],
+            "host_network": p.host_network, "phase": p.phase, "workload": p.workload,
+            "netns_inode": pn.inode if pn else 0, "host_veth": pn.host_veth_name if pn else "",
+            "host_veth_ifindex": pn.host_veth_ifindex if pn else 0, "source": "kubelet",
+        })
+    return rows
+
+
+def status_doc(state, started: float) -> dict:
+    ident = state.identity
+    return {
+        "version": netwatchd.__version__,
+        "uptime_seconds": round(time.monotonic() - started, 1),
+        "identity": {"source": state.identity_source,
+                     "up": ident.sources_up() if ident is not None else {}},
+        "probes": {p.name: p.name not in state.probe_errors for p in state.probes},
+        "hooks": {h.kind: h.available for h in state.hooks},
+    }
+
+
+def handle(path: str, state, started: float) -> tuple[int, bytes] | None:
+    """Serve an /api/v1 path; None when the path is not ours."""
+    docs = {
+        "/api/v1/status": lambda: status_doc(state, started),
+        "/api/v1/pods": lambda: {"pods": pods_doc(state)},
+        "/api/v1/probes": lambda: {"probes": probes_doc(state)},
+    }
+    if path not in docs:
+        return None
+    return 200, (json.dumps(docs[path](), indent=1) + "\n").encode()
