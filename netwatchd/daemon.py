@@ -16,6 +16,7 @@ from prometheus_client.registry import CollectorRegistry
 import netwatchd
 from netwatchd import logging as nwlog
 from netwatchd.classify import ClusterView, parse_cidrs
+from netwatchd.export import api
 from netwatchd.export.http import MetricsServer, parse_listen
 from netwatchd.export.metrics import NetwatchCollector
 from netwatchd.identity.kubelet import IdentityError, KubeletClient
@@ -23,6 +24,7 @@ from netwatchd.identity.local import StandaloneResolver, host_addresses, own_net
 from netwatchd.identity.manager import IdentityManager, default_node_name
 from netwatchd.identity.resolver import KubeResolver
 from netwatchd.kernel import env, hooks
+from netwatchd.kernel.bpfstats import enable_run_time_stats
 from netwatchd.kernel.hooks import HookStatus
 from netwatchd.probes import registry
 from netwatchd.probes.base import ProbeContext
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drops-map-entries", type=int, default=16384, help="capacity of the drops BPF map")
     p.add_argument("--ignore-drop-reasons", default="",
                    help="comma-separated kernel drop reasons not to count (e.g. NOT_SPECIFIED); default none")
+    p.add_argument("--no-bpf-stats", action="store_true",
+                   help="do not enable kernel BPF run-time stats (netwatch_bpf_program_* and `netwatchctl probes`)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -97,6 +101,7 @@ class Daemon:
         )
         self.resolver = StandaloneResolver()
         self.identity: IdentityManager | None = None
+        self.stats_fd: int | None = None
         self.probes = registry.build([n.strip() for n in args.probes.split(",") if n.strip()])
         self.state.probes = self.probes
         self.lock = threading.Lock()
@@ -192,7 +197,13 @@ class Daemon:
         self.detect_hooks()
         registry_ = CollectorRegistry(auto_describe=False)
         registry_.register(NetwatchCollector(self.state, self.refresh))
-        server = MetricsServer(self.args.listen, registry_, self.ready)
+        started = time.monotonic()
+        server = MetricsServer(self.args.listen, registry_, self.ready,
+                               api=lambda path: api.handle(path, self.state, started))
+        if not self.args.no_bpf_stats:
+            self.stats_fd = enable_run_time_stats()
+            if self.stats_fd is None:
+                self.log.warning("bpf_stats_unavailable", detail="BPF_ENABLE_STATS refused; no per-program cost")
         try:
             self.start_identity()
             self.attach_probes()
@@ -211,6 +222,8 @@ class Daemon:
             if self.identity:
                 self.identity.stop()
             self.detach_all()
+            if self.stats_fd is not None:
+                os.close(self.stats_fd)
         return 0
 
     def detach_all(self) -> None:
