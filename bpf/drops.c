@@ -38,6 +38,83 @@ BPF_ARRAY(drops_overflow, u64, 1);
 /* reason number -> 1 to skip it (--ignore-drop-reasons), filled by user space after load. */
 BPF_ARRAY(ignored_reasons, u8, MAX_REASONS);
 
+/* The drop tail (`netwatchctl drops --follow`): individual drops, only while someone follows
+ * (enabled by user space), at most `rate` per second for the whole node; the rest is counted as
+ * suppressed. The window reset races between CPUs; that can let a few extra events through, never a flood. */
+struct tail_state {
+    u64 window;      /* current second (ktime) */
+    u64 count;       /* events admitted in this window */
+    u64 suppressed;  /* events over the limit, cumulative */
+    u32 enabled;
+    u32 rate;
+};
+BPF_ARRAY(tail_state, struct tail_state, 1);
+BPF_RINGBUF_OUTPUT(drop_tail, 16);
+
+struct drop_event {
+    u64 ts_ns;
+    u64 location;   /* kernel address of the kfree_skb call site */
+    u8 saddr[16];
+    u8 daddr[16];
+    u8 ct_daddr[16];
+    u32 netns;
+    u32 ifindex;
+    u16 sport;
+    u16 dport;
+    u16 reason;
+    u16 eth_proto;
+    u16 ct_dport;
+    u8 family;
+    u8 l4proto;
+    u8 ct_flags;
+    u8 pad[7];
+};
+
+static __always_inline int tail_admit(void)
+{
+    int idx = 0;
+    struct tail_state *t = tail_state.lookup(&idx);
+    if (!t || !t->enabled)
+        return 0;
+    u64 w = bpf_ktime_get_ns() / 1000000000ULL;
+    if (t->window != w) {
+        t->window = w;
+        t->count = 0;
+    }
+    if (__sync_fetch_and_add(&t->count, 1) >= t->rate) {
+        __sync_fetch_and_add(&t->suppressed, 1);
+        return 0;
+    }
+    return 1;
+}
+
+static __always_inline void tail_emit(const void *skb, const struct drop_key *key, u64 location)
+{
+    struct drop_event ev = {};
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.location = location;
+    __builtin_memcpy(ev.saddr, key->saddr, 16);
+    __builtin_memcpy(ev.daddr, key->daddr, 16);
+    __builtin_memcpy(ev.ct_daddr, key->ct_daddr, 16);
+    ev.netns = key->netns;
+    ev.ifindex = key->ifindex;
+    ev.reason = key->reason;
+    ev.eth_proto = key->eth_proto;
+    ev.ct_dport = key->ct_dport;
+    ev.family = key->family;
+    ev.l4proto = key->l4proto;
+    ev.ct_flags = key->ct_flags;
+    if ((key->l4proto == 6 || key->l4proto == 17) && key->family) {
+        u16 nh = NW_READ(u16, skb, SKB_NETWORK_HEADER_OFF);
+        const char *head = NW_READ(const char *, skb, SKB_HEAD_OFF);
+        const char *ip = head + nh;
+        u32 l4off = key->family == NW_FAMILY_V4 ? (NW_READ(u8, ip, 0) & 0xf) * 4 : 40;
+        ev.sport = NW_READ(u16, ip, l4off);
+        ev.dport = NW_READ(u16, ip, l4off + 2);
+    }
+    drop_tail.ringbuf_output(&ev, sizeof(ev), 0);
+}
+
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
     int reason = (int)args->reason;
@@ -75,6 +152,9 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     } else {
         key.netns = nw_sock_netns(NW_READ(const void *, skb, SKB_SK_OFF));
     }
+
+    if (tail_admit())
+        tail_emit(skb, &key, (u64)args->location);
 
     u32 len = NW_READ(u32, skb, SKB_LEN_OFF);
     struct drop_val zero = {};

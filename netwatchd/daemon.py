@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between kubelet pod lists (link changes trigger one sooner) (default %(default)s)")
     k.add_argument("--pod-series-grace", type=float, default=60.0,
                    help="seconds a gone pod's series are kept before they disappear (default %(default)s)")
+    t = p.add_argument_group("tcp probe")
+    t.add_argument("--tcp-map-entries", type=int, default=16384,
+                   help="capacity of each TCP aggregation BPF map (keys: socket netns x peer) (default %(default)s)")
+    t.add_argument("--tcp-socket-entries", type=int, default=65536,
+                   help="capacity of the per-socket LRU BPF map (connects in flight, RTT sampling) "
+                        "(default %(default)s)")
+    t.add_argument("--tcp-rtt-interval", type=float, default=1.0,
+                   help="seconds between two RTT samples of one socket (compiled into the probe) "
+                        "(default %(default)s)")
     p.add_argument("--probes", default=",".join(registry.PROBES),
                    help="comma-separated probes to load (default: all: %(default)s)")
     p.add_argument("--interval", type=float, default=2.0,
@@ -199,7 +208,7 @@ class Daemon:
         registry_.register(NetwatchCollector(self.state, self.refresh))
         started = time.monotonic()
         server = MetricsServer(self.args.listen, registry_, self.ready,
-                               api=lambda path: api.handle(path, self.state, started))
+                               api=lambda path, query: api.handle(path, self.state, started, query))
         if not self.args.no_bpf_stats:
             self.stats_fd = enable_run_time_stats()
             if self.stats_fd is None:

@@ -3,12 +3,16 @@
 GET /api/v1/status   version, identity source and health, probes attached
 GET /api/v1/pods     what the node knows: pod, namespace, IPs, netns inode, host veth, hostNetwork, source
 GET /api/v1/probes   each probe's hooks, attached or why not, events and kernel ns per event (BPF stats)
+GET /api/v1/drops/recent?since=SEQ&rate=N
+                     individual drops after sequence number SEQ (the kernel starts emitting them on the first
+                     call, at most N per second for the node, default 100, and stops 15 s after the last call)
 """
 
 from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 
 import netwatchd
 from netwatchd.kernel.bpfstats import prog_stats
@@ -70,8 +74,27 @@ def status_doc(state, started: float) -> dict:
     }
 
 
-def handle(path: str, state, started: float) -> tuple[int, bytes] | None:
+def drops_recent_doc(state, query: str) -> tuple[int, dict]:
+    params = urllib.parse.parse_qs(query)
+    try:
+        since = int(params.get("since", ["0"])[0])
+        rate = max(1, min(int(params.get("rate", [str(DEFAULT_TAIL_RATE)])[0]), MAX_TAIL_RATE))
+    except ValueError:
+        return 400, {"error": "since and rate must be integers"}
+    probe = next((p for p in state.probes if p.name == "drops" and p.name not in state.probe_errors), None)
+    if probe is None or getattr(probe, "tail", None) is None:
+        return 503, {"error": "the drops probe is not attached"}
+    return 200, probe.tail.follow(since, rate)
+
+
+DEFAULT_TAIL_RATE, MAX_TAIL_RATE = 100, 1000
+
+
+def handle(path: str, state, started: float, query: str = "") -> tuple[int, bytes] | None:
     """Serve an /api/v1 path; None when the path is not ours."""
+    if path == "/api/v1/drops/recent":
+        code, doc = drops_recent_doc(state, query)
+        return code, (json.dumps(doc) + "\n").encode()
     docs = {
         "/api/v1/status": lambda: status_doc(state, started),
         "/api/v1/pods": lambda: {"pods": pods_doc(state)},

@@ -21,7 +21,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
-             api: Callable[[str], tuple[int, bytes] | None] | None = None):
+             api: Callable[[str, str], tuple[int, bytes] | None] | None = None):
     metrics_app = make_wsgi_app(registry)
 
     def app(environ, start_response):
@@ -29,10 +29,12 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if api is not None and path.startswith("/api/"):
-            res = api(path)
+            res = api(path, environ.get("QUERY_STRING", ""))
             if res is not None:
-                start_response("200 OK", [("Content-Type", "application/json")])
-                return [res[1]]
+                code, body = res
+                status = {200: "200 OK", 400: "400 Bad Request", 503: "503 Service Unavailable"}[code]
+                start_response(status, [("Content-Type", "application/json")])
+                return [body]
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
@@ -50,7 +52,7 @@ class MetricsServer:
     """A threaded WSGI server in a daemon thread; `close()` stops it."""
 
     def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]],
-                 api: Callable[[str], tuple[int, bytes] | None] | None = None):
+                 api: Callable[[str, str], tuple[int, bytes] | None] | None = None):
         host, port = parse_listen(listen)
 
         class Server(ThreadingWSGIServer):

@@ -6,9 +6,12 @@ This side reads the map, decodes the raw keys, and evicts idle entries when the 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 from netwatchd.classify import IPAddress
@@ -22,6 +25,8 @@ L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 ETH_NAMES = {0x0806: "arp"}
 CT_NATTED, CT_REPLY = 1, 2  # bpf/include/netwatch.h NW_CT_*
 EVICT_AT = 0.75  # evict idle entries once the map is this full
+TAIL_IDLE_S = 15.0  # stop emitting individual drops this long after the last follower asked
+TAIL_KEEP = 2000  # individual drops kept in user space for followers
 DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace",
                "service")
 DROPS = MetricSpec("netwatch_drops", "counter",
@@ -109,10 +114,13 @@ class DropsProbe:
         self.accounting = DropAccounting(ctx.view, ctx.resolver, self.reasons.name,
                                          series_limit=getattr(settings, "max_series", 10000),
                                          host_netns=ctx.host_netns)
+        self.tail = DropTail(self._bpf, self.accounting)
 
     def refresh(self) -> None:
         if self._bpf is None or self.accounting is None:
             return
+        if self.tail is not None:
+            self.tail.expire()
         records = self.read()
         self.accounting.update(records)
         self.stats.entries = len(records)
@@ -141,6 +149,9 @@ class DropsProbe:
         return {exposed_name(DROPS): self.accounting.budget.folded} if self.accounting else {}
 
     def detach(self) -> None:
+        if getattr(self, "tail", None) is not None:
+            self.tail.close()
+            self.tail = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -187,3 +198,83 @@ class DropsProbe:
         for raw in keys:
             with contextlib.suppress(KeyError):
                 del table[table.Key.from_buffer_copy(raw)]
+
+
+class DropTail:
+    """Individual drops for `netwatchctl drops --follow`, rate-limited in the kernel (see bpf/drops.c).
+
+    The kernel emits nothing until someone follows; `follow()` turns it on (at most `rate` events per second
+    for the node) and `expire()` turns it off TAIL_IDLE_S after the last follower asked.
+    """
+
+    def __init__(self, bpf, accounting) -> None:
+        self._bpf = bpf
+        self.accounting = accounting
+        self.events: collections.deque[dict] = collections.deque(maxlen=TAIL_KEEP)
+        self.seq = 0
+        self.last_follow = 0.0
+        self.enabled = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ring = bpf["drop_tail"]
+        self._ring.open_ring_buffer(self._on_event)
+        self._thread = threading.Thread(target=self._poll, name="netwatchd-drop-tail", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._bpf.ring_buffer_poll(200)
+
+    def _on_event(self, _ctx, data, _size) -> None:
+        ev = self._ring.event(data)
+        rec = DropRecord(key=b"", src=decode_addr(bytes(ev.saddr), ev.family),
+                         dst=decode_addr(bytes(ev.daddr), ev.family),
+                         protocol=protocol_name(ev.family, ev.l4proto, ev.eth_proto), reason=ev.reason,
+                         netns=ev.netns, ifindex=ev.ifindex, packets=1, bytes=0,
+                         orig_dst=decode_addr(bytes(ev.ct_daddr), ev.family) if ev.ct_flags & CT_NATTED else None,
+                         orig_dport=socket.ntohs(ev.ct_dport), ct_reply=bool(ev.ct_flags & CT_REPLY))
+        labels = dict(zip(DROP_LABELS, self.accounting.labels_for(rec), strict=True))
+        try:
+            from bcc import BPF
+
+            location = BPF.ksym(ev.location, show_offset=True).decode()
+        except Exception:  # noqa: BLE001 - symbolisation is best effort
+            location = hex(ev.location)
+        doc = {
+            **labels,
+            "time": time.time(), "ktime_ns": ev.ts_ns, "location": location,
+            "src": str(rec.src) if rec.src else "", "dst": str(rec.dst) if rec.dst else "",
+            "sport": socket.ntohs(ev.sport), "dport": socket.ntohs(ev.dport),
+            "service_vip": str(rec.orig_dst) if rec.orig_dst else "",
+            "netns": ev.netns, "ifindex": ev.ifindex,
+        }
+        with self._lock:
+            self.seq += 1
+            doc["seq"] = self.seq
+            self.events.append(doc)
+
+    def _set(self, enabled: bool, rate: int) -> None:
+        table = self._bpf["tail_state"]
+        st = table[0]
+        st.enabled, st.rate = int(enabled), rate
+        table[0] = st
+        self.enabled = enabled
+
+    def follow(self, since: int, rate: int) -> dict:
+        """Turn the tail on (or keep it on) and return the drops after sequence number `since`."""
+        self.last_follow = time.monotonic()
+        if not self.enabled or self._bpf["tail_state"][0].rate != rate:
+            self._set(True, rate)
+        with self._lock:
+            events = [e for e in self.events if e["seq"] > since]
+            seq = self.seq
+        return {"seq": seq, "rate_limit": rate, "suppressed": int(self._bpf["tail_state"][0].suppressed),
+                "events": events}
+
+    def expire(self) -> None:
+        if self.enabled and time.monotonic() - self.last_follow > TAIL_IDLE_S:
+            self._set(False, 0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
