@@ -34,12 +34,13 @@ class RunningDaemon:
             with contextlib.suppress(ValueError):
                 self.logs.append(json.loads(line))
 
-    def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+    def get(self, path: str, timeout: float = 10.0, headers: dict | None = None) -> tuple[int, str]:
         url = f"http://127.0.0.1:{self.port}{path}"
         ctx = _in_netns(f"/run/netns/{self.netns}") if self.netns else _nullctx()
         with ctx:
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                req = urllib.request.Request(url, headers=headers or {})
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
                     return resp.status, resp.read().decode()
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.read().decode()

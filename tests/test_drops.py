@@ -125,3 +125,13 @@ def test_ignored_reason_is_filtered_in_the_kernel(node):
         assert d.value("netwatch_drops_total", reason="NO_SOCKET") == 0
     finally:
         assert d.stop() == 0
+
+
+def test_endpoints(daemon):
+    status, text = daemon.get("/metrics")
+    assert status == 200 and "# TYPE netwatch_drops_total counter" in text
+    status, om = daemon.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200 and om.rstrip().endswith("# EOF") and "# TYPE netwatch_drops counter" in om
+    assert daemon.get("/healthz") == (200, "ok\n")
+    assert daemon.get("/readyz") == (200, "ready\n")
+    assert daemon.get("/nope")[0] == 404
