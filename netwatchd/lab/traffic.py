@@ -207,3 +207,33 @@ class UdpSink:
         if self.proc.returncode != 0:
             raise RuntimeError(f"udp sink failed: {err.strip()}")
         return int(out.split()[-1])
+
+
+_LOAD = r"""
+import socket, sys, time
+interval, duration = float(sys.argv[1]), float(sys.argv[2])
+targets = [t.split(",") for t in sys.argv[3:]]  # proto,ip,port
+end = time.monotonic() + duration
+while time.monotonic() < end:
+    for proto, ip, port in targets:
+        fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        try:
+            if proto == "udp":
+                s = socket.socket(fam, socket.SOCK_DGRAM); s.sendto(b"x" * 64, (ip, int(port)))
+            else:
+                s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(1.0); s.connect((ip, int(port)))
+                s.sendall(b"ping\n"); s.recv(256)
+            s.close()
+        except OSError:
+            pass
+    time.sleep(interval)
+"""
+
+
+def start_load(ep: NetnsEndpoint, targets: list[tuple[str, str, int]], interval: float = 0.5,
+               duration: float = 3600.0) -> subprocess.Popen:
+    """Loop over ``targets`` ((``"tcp"|"udp"``, ip, port)) every ``interval`` s for at most ``duration`` s:
+    a TCP connect + one request, or one UDP datagram, each bounded by a 1 s timeout. Tracked by the lab."""
+    args = [f"{p},{ip},{port}" for p, ip, port in targets]
+    return ep.popen([sys.executable, "-c", _LOAD, str(interval), str(duration), *args],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
