@@ -72,11 +72,14 @@ class ClusterView:
     local_pod_ips: frozenset[IPAddress] | None = None
 
     def is_local_pod(self, ip: IPAddress) -> bool:
-        """A pod the kubelet listed, or any address of this node's pod CIDR (a pod not listed yet)."""
-        return (self.local_pod_ips is not None and ip in self.local_pod_ips) or _in(ip, self.node_pod_cidrs)
+        """A pod the kubelet listed, or any address of this node's pod CIDR (a pod not listed yet) that is not
+        the node's own (the bridge gateway, e.g. cni0's 10.244.1.1, and the VTEP live in the pod CIDR)."""
+        if self.local_pod_ips is not None and ip in self.local_pod_ips:
+            return True
+        return _in(ip, self.node_pod_cidrs) and ip not in self.host_ips
 
     def is_pod(self, ip: IPAddress) -> bool:
-        return _in(ip, self.cluster_cidrs) or _in(ip, self.node_pod_cidrs)
+        return (_in(ip, self.cluster_cidrs) or _in(ip, self.node_pod_cidrs)) and ip not in self.host_ips
 
     def is_service(self, ip: IPAddress) -> bool:
         return ip in self.service_ips or _in(ip, self.service_cidrs)

@@ -78,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tcp-rtt-interval", type=float, default=1.0,
                    help="seconds between two RTT samples of one socket (compiled into the probe) "
                         "(default %(default)s)")
+    c = p.add_argument_group("tc probe (packets/bytes per class, node transit time)")
+    c.add_argument("--tc-uplinks", default="auto",
+                   help="uplink interfaces: 'auto' (default route, overlay and addressed devices) and/or "
+                        "comma-separated fnmatch patterns, e.g. 'auto,bond*' or 'eth0,flannel.1' (default %(default)s)")
+    c.add_argument("--tc-attach", choices=("auto", "tcx", "clsact"), default="auto",
+                   help="tcx links (kernel 6.6+) or cls_bpf filters on clsact; auto: tcx when the kernel has it "
+                        "(default %(default)s)")
+    c.add_argument("--tc-clsact-prio", type=int, default=0x4E57,
+                   help="priority of our cls_bpf filters in clsact mode (default %(default)s)")
+    c.add_argument("--tc-transit-sample", type=int, default=16,
+                   help="time the node transit of 1 in N packets, at random; 1: every packet, which costs two "
+                        "clock reads each (default %(default)s)")
+    c.add_argument("--tc-max-pods", type=int, default=512,
+                   help="pod veths with their own packet/byte counters; more count for the node (default %(default)s)")
     p.add_argument("--probes", default=",".join(registry.PROBES),
                    help="comma-separated probes to load (default: all: %(default)s)")
     p.add_argument("--interval", type=float, default=2.0,

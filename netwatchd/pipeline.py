@@ -101,12 +101,25 @@ class DropAccounting:
             # Classify the flow as the client addressed it: client -> VIP (replies: VIP -> client).
             src, dst = (rec.orig_dst, rec.dst) if rec.ct_reply else (rec.src, rec.orig_dst)
         att = classify(self.view, src, dst)
+        client = rec.dst if rec.ct_reply else rec.src
+        if att.local_ip is None and rec.orig_dst is not None and att.traffic_class != CONTAINER_TO_CONTAINER:
+            # No local pod in the flow as the client addressed it, but NAT sent it to a local backend pod
+            # (external -> node port -> pod; node -> ClusterIP -> pod): the event belongs to that pod, headed
+            # to it (ingress) or, for its replies, sent by it (egress); the class says who the client is.
+            backend = rec.src if rec.ct_reply else rec.dst
+            if self.view.is_local_pod(backend):
+                att = classify(self.view, client, backend)
+                att = Attribution(att.traffic_class, EGRESS if rec.ct_reply else INGRESS, backend)
         if svc is not None and att.traffic_class not in (POD_TO_SERVICE, CONTAINER_TO_CONTAINER):
-            # A node port (or an externalIP) is a service even though its address is a node's.
-            if att.local_ip is not None:
+            # A node port (or an externalIP) is a service even though its address is a node's. The node's own
+            # traffic to a service stays `host`; an external client's stays `external_to_pod`, also when it
+            # is counted for the local backend pod.
+            if self.view.is_node(client):
+                pass
+            elif att.local_ip is None or (att.local_ip != client and att.traffic_class == EXTERNAL_TO_POD):
+                att = Attribution(EXTERNAL_TO_POD, att.direction, att.local_ip)
+            else:
                 att = Attribution(POD_TO_SERVICE, att.direction, att.local_ip)
-            elif att.local_ip is None:
-                att = Attribution(EXTERNAL_TO_POD, att.direction, None)
         if att.traffic_class not in (POD_TO_SERVICE, EXTERNAL_TO_POD):
             svc = None
         return att, svc
@@ -194,7 +207,8 @@ def socket_labels(view: ClusterView, resolver: Resolver, netns: int, local, remo
     if local == remote or local.is_loopback or remote.is_loopback:
         cls = HOST if pod == NODE and netns in (0, host_netns) else CONTAINER_TO_CONTAINER
     elif svc is not None or view.is_service(remote):
-        cls = POD_TO_SERVICE if pod != NODE or view.is_local_pod(local) else EXTERNAL_TO_POD
+        # a socket is never external: one that no pod owns is the node's (or a hostNetwork pod's)
+        cls = POD_TO_SERVICE if pod != NODE or view.is_local_pod(local) else HOST
     else:
         src, dst = (local, remote) if client else (remote, local)
         att = classify(view, src, dst)

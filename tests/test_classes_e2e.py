@@ -7,13 +7,14 @@ netwatchd runs with the lab kubelet and apiserver (LabCluster), node n2 behind a
 ports, and asserts the *growth* of the counters it caused: exact counts for UDP (send N, N dropped) and
 single refused connects, ">= 1 and only in the expected labels" where TCP retransmits make counts vary.
 
-Addresses are unusual on purpose (10.244.81-82/24, 192.168.100.81-82, 198.51.100/24, 10.96.81.x): the drops
-probe sees every netns of the kernel, so labs of concurrent test runs must not look like this lab's pods.
+Addresses are random per run (see node_addresses): the drops probe sees every netns of the kernel, so labs of
+concurrent test runs must not look like this lab's pods.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 
@@ -27,10 +28,26 @@ from tests.support import start_netwatchd
 pytestmark = pytest.mark.kernel
 
 NS = "shop"
+# This run's addresses, random: the drops probe sees every netns of the kernel, so a concurrent lab using the same
+# pod addresses (another test file, or this one run twice at once) would be counted as this lab's pods.
+_A, _B = random.SystemRandom().randrange(200, 255), random.SystemRandom().randrange(0, 250, 2)
+
+
+def node_addresses(i: int) -> dict[str, str]:
+    """Pod CIDRs (v4, v6) and node IP of this run's node number i (0, 1)."""
+    return dict(pod_cidr=f"10.{_A}.{_B + i}.0/24", pod_cidr6=f"fd00:{_A:x}:{_B + i:x}::/64",
+                node_ip=f"192.168.{_A}.{_B + 1 + i}")
+
+
+def vip(host: int) -> str:
+    """A ClusterIP of this run (in LabCluster's service CIDR 10.96.0.0/12)."""
+    return f"10.96.{_B}.{host}"
+
+
 LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace", "service")
-CART_VIP, CART_PORT, CART_BACKEND_PORT = "10.96.81.10", 53, 5353  # UDP ClusterIP -> pod b
-API_VIP, API_PORT, API_BACKEND_PORT = "10.96.81.11", 80, 8080  # TCP ClusterIP -> pods b, z
-EMPTY_VIP, EMPTY_PORT = "10.96.81.12", 80  # a Service without endpoints (kube-proxy REJECTs)
+CART_VIP, CART_PORT, CART_BACKEND_PORT = vip(10), 53, 5353  # UDP ClusterIP -> pod b
+API_VIP, API_PORT, API_BACKEND_PORT = vip(11), 80, 8080  # TCP ClusterIP -> pods b, z
+EMPTY_VIP, EMPTY_PORT = vip(12), 80  # a Service without endpoints (kube-proxy REJECTs)
 WEB_NODE_PORT, WEB_BACKEND_PORT = 30081, 8081  # UDP NodePort on n1 -> pod web (local)
 FAR_NODE_PORT, FAR_BACKEND_PORT = 30082, 8082  # UDP NodePort on n1 -> pod z (on n2)
 
@@ -39,19 +56,19 @@ class World:
     """The module's lab, cluster and daemon (see module docstring)."""
 
     def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.n1 = lab.add_node("n1", pod_cidr="10.244.81.0/24", pod_cidr6="fd00:10:244:81::/64",
-                               node_ip="192.168.100.81")
-        self.n2 = lab.add_node("n2", pod_cidr="10.244.82.0/24", pod_cidr6="fd00:10:244:82::/64",
-                               node_ip="192.168.100.82")
-        lab.add_uplink(self.n1, self.n2)
-        self.inet = lab.add_internet(self.n1, cidr="198.51.100.0/24")
+        self.lab, self.cluster, self.daemon = lab, None, None
+
+    def build(self) -> World:
+        self.n1 = self.lab.add_node("n1", **node_addresses(0))
+        self.n2 = self.lab.add_node("n2", **node_addresses(1))
+        self.lab.add_uplink(self.n1, self.n2)
+        self.inet = self.lab.add_internet(self.n1, cidr=f"172.{16 + _B % 16}.{_A}.0/24")
         # the internet reaches n1's pods directly too (a routed LoadBalancer / a flat network)
         self.inet.run(["ip", "route", "add", self.n1.pod_cidr, "via", self.n1.uplink_ip])
         self.a, self.b, self.web = (self.n1.add_pod(n, namespace=NS) for n in ("a", "b", "web"))
         self.hn = self.n1.add_pod("hn", namespace=NS, host_network=True)
         self.z = self.n2.add_pod("z", namespace=NS)
-        self.cluster = LabCluster(lab, self.n1)
+        self.cluster = LabCluster(self.lab, self.n1)
         c, n1 = self.cluster, self.n1
         c.add_service(NS, "cart", CART_VIP, CART_PORT, [(self.b, CART_BACKEND_PORT)], proto="udp")
         c.add_service(NS, "api", API_VIP, API_PORT, [(self.b, API_BACKEND_PORT), (self.z, API_BACKEND_PORT)])
@@ -64,10 +81,10 @@ class World:
                     "-m", "comment", "--comment", f"{NS}/empty has no endpoints",
                     "-j", "REJECT", "--reject-with", "icmp-port-unreachable")
         # NodePorts on n1's uplink address, kube-proxy style (DNAT in PREROUTING, masquerade not needed here).
-        for name, vip, node_port, backend, port in (
-                ("web", "10.96.81.21", WEB_NODE_PORT, self.web, WEB_BACKEND_PORT),
-                ("far", "10.96.81.22", FAR_NODE_PORT, self.z, FAR_BACKEND_PORT)):
-            c.api.upsert_service(NS, name, [vip], [(port, "UDP")], type="NodePort", node_ports=[node_port])
+        for name, cluster_ip, node_port, backend, port in (
+                ("web", vip(21), WEB_NODE_PORT, self.web, WEB_BACKEND_PORT),
+                ("far", vip(22), FAR_NODE_PORT, self.z, FAR_BACKEND_PORT)):
+            c.api.upsert_service(NS, name, [cluster_ip], [(port, "UDP")], type="NodePort", node_ports=[node_port])
             n1.iptables("-t", "nat", "-I", "PREROUTING", "-d", n1.uplink_ip, "-p", "udp", "--dport", str(node_port),
                         "-j", "DNAT", "--to-destination", f"{backend.ip}:{port}")
         # Neighbours resolved everywhere first: every datagram then reaches the hook that drops it.
@@ -75,19 +92,22 @@ class World:
                          (self.inet, self.a.ip), (self.inet, self.web.ip), (n1, self.a.ip), (n1, self.b.ip),
                          (self.z, self.a.ip), (self.a, self.b.ip6), (self.a, self.z.ip6)):
             assert ping(src, dst) == 1, f"{src} cannot reach {dst}"
-        self.daemon = start_netwatchd(c.netwatchd_args(), netns=n1.netns)
+        self.daemon = start_netwatchd(c.netwatchd_args() + ["--probes", "drops"], netns=n1.netns)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not (
-                self.daemon.value("netwatch_identity_up", source="apiserver") == 1
-                and self.daemon.value("netwatch_identity_pods") == 4):
+        while not (self.daemon.value("netwatch_identity_up", source="apiserver") == 1
+                   and self.daemon.value("netwatch_identity_pods") == 4):  # a, b, web and hostNetwork hn
+            assert time.monotonic() < deadline, self.daemon.samples("netwatch_identity_up")
             time.sleep(0.2)
         time.sleep(0.5)  # the apiserver snapshot reached the classifier
+        return self
 
     def close(self) -> None:
         try:
-            assert self.daemon.stop() == 0, "".join(self.daemon.stderr_lines)[-2000:]
+            if self.daemon is not None:
+                assert self.daemon.stop() == 0, "".join(self.daemon.stderr_lines)[-2000:]
         finally:
-            self.cluster.close()
+            if self.cluster is not None:
+                self.cluster.close()
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +115,12 @@ def world():
     if os.geteuid() != 0:
         pytest.skip("lab namespaces need root")
     lab = Lab()
-    w = None
+    w = World(lab)
     try:
-        w = World(lab)
-        yield w
+        yield w.build()
     finally:
         try:
-            if w is not None:
-                w.close()
+            w.close()
         finally:
             lab.close()
 

@@ -76,7 +76,8 @@ class IdentityManager:
         self.on_pod_gone = on_pod_gone or (lambda ns, name: None)
         self.clock = clock
         self.up: dict[str, bool] = {}
-        self.errors: dict[tuple[str, str], int] = {}  # (source, kind) -> count
+        self.errors: dict[tuple[str, str], int] = {}  # (source, kind) -> count; replaced whole on each change
+        self._errors_lock = threading.Lock()
         self.refreshes = 0
         self.watcher = None
         self._gone_since: dict[tuple[str, str], float] = {}
@@ -90,9 +91,7 @@ class IdentityManager:
 
     def start(self, api_client=None, node_name: str = "") -> IdentityManager:
         if api_client is not None:
-            from netwatchd.identity.apiserver import ClusterWatcher
-
-            self.watcher = ClusterWatcher(api_client, node_name, self._on_cluster)
+            self.watcher = _counting_watcher(self, api_client, node_name)
             self.up["apiserver"] = False
             self.watcher.start()
         if self.kubelet is not None:
@@ -142,13 +141,19 @@ class IdentityManager:
 
     _last_kind = ""
 
+    def count_error(self, source: str, kind: str) -> None:
+        """One failed refresh/list/watch of `source`. Copy-on-write: scrapes iterate `errors` on another thread
+        while the kubelet and both watch threads add to it."""
+        with self._errors_lock:
+            self.errors = {**self.errors, (source, kind): self.errors.get((source, kind), 0) + 1}
+
     def refresh_pods(self) -> bool:
         """List local pods once; on failure keep the last good list. Returns whether it worked."""
         assert self.kubelet is not None
         try:
             pods = self.resolver.refresh_pods(self.kubelet)
         except IdentityError as exc:
-            self.errors[("kubelet", exc.kind)] = self.errors.get(("kubelet", exc.kind), 0) + 1
+            self.count_error("kubelet", exc.kind)
             self._set_up("kubelet", False, exc)
             return False
         self.refreshes += 1
@@ -191,6 +196,46 @@ class IdentityManager:
                 next_at = self.clock() + self.interval
             else:
                 self.expire()
+
+
+def api_error_kind(exc: BaseException, watching: bool = False) -> str:
+    """The `kind` label of a failed apiserver list or watch (kubelet.ERROR_KINDS, plus `watch_interrupted`: an
+    open watch stream broke, e.g. the apiserver restarted or a proxy cut it; the watcher re-lists at once)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status:
+        return "unauthorized" if status in (401, 403) else "http_error"
+    what = f"{type(exc).__name__} {getattr(exc, 'reason', '') or ''}".lower()
+    if "timeout" in what or "timed out" in what:
+        return "timeout"
+    if isinstance(exc, ValueError):
+        return "malformed"
+    return "watch_interrupted" if watching else "unreachable"
+
+
+def _counting_watcher(manager: IdentityManager, api_client, node_name: str):
+    """A ClusterWatcher whose failed lists and watches are counted in `manager.errors` (source "apiserver")."""
+    from netwatchd.identity.apiserver import ClusterWatcher, _Relist
+
+    class CountingWatcher(ClusterWatcher):
+        def _list(self, res: str) -> str:
+            try:
+                return super()._list(res)
+            except Exception as exc:
+                if not self._stop.is_set():
+                    manager.count_error("apiserver", api_error_kind(exc))
+                raise
+
+        def _watch(self, res: str, rv: str):
+            try:
+                return super()._watch(res, rv)
+            except _Relist:  # 410 Gone: the normal end of an old watch, not a failure
+                raise
+            except Exception as exc:
+                if not self._stop.is_set():
+                    manager.count_error("apiserver", api_error_kind(exc, watching=True))
+                raise
+
+    return CountingWatcher(api_client, node_name, manager._on_cluster)
 
 
 def default_node_name() -> str:

@@ -23,6 +23,7 @@ KERNEL_OFFSETS: dict[str, tuple[str, str]] = {
     "NETDEV_ND_NET_OFF": ("net_device", "nd_net"),
     "NET_NS_INUM_OFF": ("net", "ns.inum"),
     "SK_NET_OFF": ("sock_common", "skc_net"),
+    "SK_ERR_OFF": ("sock", "sk_err"),
 }
 
 # Members that only exist with some kernel options (conntrack): resolved when present, and the C code
@@ -33,6 +34,9 @@ OPTIONAL_OFFSETS: dict[str, list[tuple[str, str]]] = {
     "NFCONN_TUPLE_ORIG_OFF": [("nf_conn", "tuplehash"), ("nf_conntrack_tuple_hash", "tuple")],
     "CT_TUPLE_DST_U3_OFF": [("nf_conntrack_tuple", "dst.u3")],
     "CT_TUPLE_DST_PORT_OFF": [("nf_conntrack_tuple", "dst.u")],
+    "CT_TUPLE_SRC_U3_OFF": [("nf_conntrack_tuple", "src.u3")],
+    "CT_TUPLE_SRC_PORT_OFF": [("nf_conntrack_tuple", "src.u")],
+    "NFCONN_STATUS_OFF": [("nf_conn", "status")],
 }
 
 

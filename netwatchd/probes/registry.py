@@ -6,9 +6,13 @@ from collections.abc import Callable, Iterable
 
 from netwatchd.probes.base import Probe
 from netwatchd.probes.drops import DropsProbe
+from netwatchd.probes.tc import TcProbe
+from netwatchd.probes.tcp import TcpProbe
 
 PROBES: dict[str, Callable[[], Probe]] = {
     "drops": DropsProbe,
+    "tc": TcProbe,
+    "tcp": TcpProbe,
 }
 
 
