@@ -83,7 +83,7 @@ def test_missing_tracepoint_degrades_probe_not_daemon(tmp_path):
     """A tracefs without skb:kfree_skb: the drops probe is reported unattached, the daemon still serves."""
     root = fake_root(tmp_path, tracefs=False)
     (root / "sys/kernel/tracing/events/sched").mkdir(parents=True)
-    d = start_netwatchd([], env={"NETWATCHD_HOST_ROOT": str(root)})
+    d = start_netwatchd(["--probes", "drops"], env={"NETWATCHD_HOST_ROOT": str(root)})
     try:
         assert d.value("netwatch_probe_attached", probe="drops") == 0
         assert d.value("netwatch_hook_available", hook="tracepoint") == 1
