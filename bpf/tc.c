@@ -469,7 +469,11 @@ static __always_inline void nw_as_arrived(struct __sk_buff *skb, struct pkt *p, 
     }
     if (p->sport | p->dport) {
         p->sport = NW_READ(u16, t, CT_TUPLE_SRC_PORT_OFF);
-        p->dport = NW_READ(u16, t, CT_TUPLE_DST_PORT_OFF);
+        /* ICMP tuples keep the echo identifier in src.u, type and code in dst.u */
+        if (p->proto == NW_PROTO_ICMP || p->proto == NW_PROTO_ICMPV6)
+            p->dport = p->sport;
+        else
+            p->dport = NW_READ(u16, t, CT_TUPLE_DST_PORT_OFF);
     }
     nw_class(p, gen);
 #endif

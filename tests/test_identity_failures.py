@@ -155,6 +155,7 @@ def test_kubelet_fault_keeps_counting_and_recovers(world, fault, kind, failures)
     d, c, node = world.daemon, world.cluster, world.node
     since, err0 = len(d.logs), errors(d, "kubelet")
     unknown0, a0 = drops(d, **local_drop("unknown", "")), drops(d, **local_drop("a"))
+    pods0 = d.value("netwatch_identity_pods")
     if fault == "stopped":
         c.kubelet.stop()
     else:
@@ -173,6 +174,7 @@ def test_kubelet_fault_keeps_counting_and_recovers(world, fault, kind, failures)
         assert wait_until(lambda: errors(d, "kubelet").get(kind, 0) >= err0.get(kind, 0) + failures, timeout=30)
         assert d.value(UP, source="kubelet") == 0
         assert d.value(UP, source="apiserver") == 1  # the other source is unaffected
+        assert d.value("netwatch_identity_pods") == pods0  # the last good list is kept
     finally:
         if fault == "stopped":
             c.kubelet.start()

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import tomllib
 import uuid
@@ -435,6 +436,20 @@ def test_prometheus_rule_is_the_alerts_file(helm: str, tmp_path: Path) -> None:
         for r in group["rules"]:
             assert ("alert" in r) != ("record" in r) and r["expr"], r
     assert "PrometheusRule" not in {d["kind"] for d in render(helm, tmp_path)}
+
+
+def test_packaged_chart_carries_the_rules_file(helm: str, tmp_path: Path) -> None:
+    """`helm package` follows the files/ symlink: the published chart holds the rules themselves."""
+    proc = subprocess.run([helm, "package", str(CHART), "--destination", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (archive,) = tmp_path.glob("netwatchd-*.tgz")
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("netwatchd/files/netwatchd-rules.yaml")
+        assert member.isfile()
+        content = tar.extractfile(member).read()
+    assert content == (CHART / "files" / "netwatchd-rules.yaml").read_bytes()
+    assert "groups" in yaml.safe_load(content)
 
 
 def test_service_monitor_scrapes_the_metrics_port_with_a_node_label(helm: str, tmp_path: Path) -> None:

@@ -32,11 +32,23 @@ def tc_args(node, *extra: str) -> list[str]:
             "--service-cidr", *SERVICE_CIDRS, "--probes", "tc", *extra]
 
 
+def hush(ep) -> None:
+    """No more IPv6 router solicitations from this endpoint: the kernel keeps sending them (with backoff) on
+    a new link, and they would land in the `host` series the tests compare exactly."""
+    ep.run(["sh", "-c", "for f in /proc/sys/net/ipv6/conf/*/router_solicitations; do echo 0 > $f; done"])
+
+
+def add_pod(node, name: str):
+    pod = node.add_pod(name)
+    hush(pod)
+    return pod
+
+
 @pytest.fixture
 def node(lab):
     n = lab.add_node("n1", pod_cidr="10.244.1.0/24", pod_cidr6="fd00:10:244:1::/64")
     for name in ("a", "b"):
-        n.add_pod(name)
+        add_pod(n, name)
     return n
 
 
@@ -150,40 +162,68 @@ def test_tcp_segments_not_gso_aggregates_are_counted(node, daemon):
     assert 2 * payload < nbytes < 2 * payload + packets * 60  # payload + 52-byte headers per segment
 
 
-def test_pod_to_remote_pod_over_vxlan_both_directions(lab, node, daemon):
+def test_pod_to_remote_pod_over_vxlan_both_directions(lab, node):
     n2 = lab.add_node("n2", pod_cidr="10.244.2.0/24", pod_cidr6="fd00:10:244:2::/64")
-    z = n2.add_pod("z")
-    lab.add_uplink(node, n2)
+    z = add_pod(n2, "z")
     a = node.pods["default/a"]
-    deadline = time.monotonic() + 5  # the uplink and vxlan devices are picked up by the link watcher
-    while daemon.value("netwatch_tc_interfaces", role="uplink") < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert daemon.value("netwatch_tc_interfaces", role="uplink") == 2  # underlay veth + vxlan device
-    assert ping(a, z.ip) == 1
-    before, _ = quiet(daemon)
-    udp_burst(a, z, z.ip, 7002, 50)
-    udp_burst(z, a, a.ip, 7003, 30)
-    got = settled_growth(daemon, before, 80)
-    # the encapsulated outer packets on the underlay are not counted again (as the node's)
-    expected = {("pod_to_pod_remote", "egress", "", ""): 50, ("pod_to_pod_remote", "ingress", "", ""): 30}
-    assert_counted_once(got, expected)
+    d = start_netwatchd(tc_args(node, "--tc-transit-sample", "1"), netns=node.netns)
+    try:
+        lab.add_uplink(node, n2)  # while netwatchd runs: the link watcher picks the devices up
+        deadline = time.monotonic() + 5
+        while d.value("netwatch_tc_interfaces", role="uplink") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert d.value("netwatch_tc_interfaces", role="uplink") == 2  # underlay veth + vxlan device
+        assert ping(a, z.ip) == 1
+        before, _ = quiet(d)
+        out_before = sum(buckets(d, traffic_class="pod_to_pod_remote", path="veth_to_uplink"))
+        in_before = sum(buckets(d, traffic_class="pod_to_pod_remote", path="uplink_to_veth"))
+        udp_burst(a, z, z.ip, 7002, 50)
+        udp_burst(z, a, a.ip, 7003, 30)
+        got = settled_growth(d, before, 80)
+        # the encapsulated outer packets on the underlay are not counted again (as the node's)
+        expected = {("pod_to_pod_remote", "egress", "", ""): 50, ("pod_to_pod_remote", "ingress", "", ""): 30}
+        assert_counted_once(got, expected)
+        # timed from a's veth to the vxlan device, and from the vxlan device to a's veth
+        assert sum(buckets(d, traffic_class="pod_to_pod_remote", path="veth_to_uplink")) - out_before == 50
+        assert sum(buckets(d, traffic_class="pod_to_pod_remote", path="uplink_to_veth")) - in_before == 30
+    finally:
+        assert d.stop() == 0
 
 
 def test_masqueraded_pod_to_external_and_its_replies_belong_to_the_pod(lab, node):
     """The replies reach the uplink addressed to the node (MASQUERADE), yet they are the pod's: the uplink
-    ingress defers them to the pod's veth, where they are counted (and with their original class)."""
+    ingress defers them to the pod's veth, where they are counted (and timed)."""
     inet = lab.add_internet(node)  # before netwatchd starts: the node's uplink address is the node's
+    hush(inet)
     a = node.pods["default/a"]
     assert ping(a, inet.ip) == 1
-    d = start_netwatchd(tc_args(node), netns=node.netns)
+    d = start_netwatchd(tc_args(node, "--tc-transit-sample", "1"), netns=node.netns)
     try:
         assert d.value("netwatch_tc_interfaces", role="uplink") == 1
         before, _ = quiet(d)
         assert ping(a, inet.ip, count=20, timeout=1.0) == 20
         got = settled_growth(d, before, 40)
-        assert_counted_once(got, {("pod_to_external", "egress", "", ""): 20, ("external_to_pod", "ingress", "", ""): 20})
+        expected = {("pod_to_external", "egress", "", ""): 20, ("external_to_pod", "ingress", "", ""): 20}
+        assert_counted_once(got, expected)
+        assert sum(buckets(d, traffic_class="pod_to_external", path="veth_to_uplink")) == 20
+        assert sum(buckets(d, traffic_class="external_to_pod", path="uplink_to_veth")) == 20
     finally:
         assert d.stop() == 0
+
+
+def test_pod_to_cluster_ip_is_pod_to_service_where_it_enters(node, daemon):
+    """Counted at the client's veth before kube-proxy's DNAT: the class is pod_to_service, and the backend's
+    veth does not count it again."""
+    a, b = node.pods["default/a"], node.pods["default/b"]
+    node.add_cluster_ip_service("10.96.0.50", 53, [(b.ip, 5353)], proto="udp")
+    assert ping(a, b.ip) == 1
+    before, _ = quiet(daemon)
+    sink = UdpSink(b, 5353)  # the backend port: no ICMP port unreachable comes back
+    send_udp(a, "10.96.0.50", 53, 40)
+    time.sleep(0.2)
+    assert sink.stop() == 40
+    got = settled_growth(daemon, before, 40)
+    assert_counted_once(got, {("pod_to_service", "egress", "", ""): 40})
 
 
 def test_node_own_traffic_is_counted_where_it_leaves(node, daemon):
@@ -315,7 +355,7 @@ def test_foreign_tc_filter_survives_and_nothing_of_ours_is_left(node, mode):
 def test_veth_created_while_running_is_counted_within_two_seconds(node, daemon):
     a = node.pods["default/a"]
     t0 = time.monotonic()
-    c = node.add_pod("c")
+    c = add_pod(node, "c")
     created = time.monotonic()
     deadline = created + 5
     attached_at = None
