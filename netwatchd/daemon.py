@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token file (re-read on every request) (default %(default)s)")
     k.add_argument("--kubelet-ca-file", default="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
                    help="CA bundle that signed the kubelet's serving certificate (default %(default)s)")
+    k.add_argument("--kubelet-timeout", type=float, default=5.0,
+                   help="seconds a kubelet /pods request may take (default %(default)s)")
     k.add_argument("--kubelet-insecure", action="store_true",
                    help="do not verify the kubelet's certificate (or use the plain-HTTP read-only port)")
     k.add_argument("--kubeconfig", default=None,
@@ -149,7 +151,7 @@ class Daemon:
         if a.kubelet_url:
             kubelet = KubeletClient(a.kubelet_url, token_file=a.kubelet_token_file,
                                     ca_file=None if a.kubelet_insecure else a.kubelet_ca_file,
-                                    insecure=a.kubelet_insecure)
+                                    insecure=a.kubelet_insecure, timeout=a.kubelet_timeout)
         resolver = KubeResolver(own_netns_inode())
         self.resolver = resolver
         self.state.identity_source = "kubernetes"

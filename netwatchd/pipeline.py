@@ -89,6 +89,9 @@ class DropAccounting:
         NAT rewrote it (kube-proxy), else the packet's own destination (a VIP before DNAT)."""
         target = rec.orig_dst if rec.orig_dst is not None else (rec.src if rec.ct_reply else rec.dst)
         svc = self.resolver.service_for_ip(target)
+        if svc is None and rec.orig_dst is None and rec.src is not None:
+            # A reply already un-DNATed (source = the VIP) carries no NAT mark any more: the VIP names it.
+            svc = self.resolver.service_for_ip(rec.src)
         if svc is None and rec.orig_dst is not None and rec.orig_dport and self.view.is_node(rec.orig_dst):
             svc = self.resolver.service_for_nodeport(rec.orig_dport, L4_PROTO_NUMBERS.get(rec.protocol, 0))
         return svc, target

@@ -56,3 +56,12 @@ def test_parse_cidrs_accepts_repeats_and_commas():
     assert [str(n) for n in nets] == ["10.0.0.0/8", "fd00::/8", "192.168.0.0/24"]
     with pytest.raises(ValueError):
         parse_cidrs(["not-a-cidr"])
+
+
+def test_node_addresses_inside_the_pod_cidr_are_the_node():
+    """cni0's gateway and the VTEP sit in the pod CIDR but belong to the node, not to a pod."""
+    view = ClusterView(**{**VIEW.__dict__, "host_ips": VIEW.host_ips | {ipaddress.ip_address("10.244.1.1")}})
+    to_gw = classify(view, ipaddress.ip_address("10.244.1.5"), ipaddress.ip_address("10.244.1.1"))
+    from_gw = classify(view, ipaddress.ip_address("10.244.1.1"), ipaddress.ip_address("10.244.1.5"))
+    assert (to_gw.traffic_class, to_gw.direction) == ("host", "egress")
+    assert (from_gw.traffic_class, from_gw.direction, str(from_gw.local_ip)) == ("host", "ingress", "10.244.1.5")

@@ -104,3 +104,28 @@ def test_unlisted_local_pod_is_unknown_and_gone_pods_are_forgotten():
     pods = {(k[4], k[5]) for k in acct.snapshot()[0]}
     assert pods == {("", "unknown"), ("default", "a")}
     assert acct.forget_pod("default", "a") == 1 and acct.series() == 1
+
+
+def test_unnatted_reply_from_a_vip_names_the_service():
+    resolver = PodsByIp({"10.244.1.5": PodRef("default", "client")})
+    resolver.services = {"10.96.0.10": ("shop", "cart")}
+    view = ClusterView(node_pod_cidrs=parse_cidrs(["10.244.1.0/24"]), service_cidrs=parse_cidrs(["10.96.0.0/12"]))
+    acct = DropAccounting(view, resolver, names)
+    acct.update([rec("10.96.0.10", "10.244.1.5", 2, key=b"r", reason=12)])
+    assert acct.snapshot()[0] == {
+        ("NETFILTER_DROP", "tcp", "pod_to_service", "ingress", "default", "client", "shop", "cart"): 2}
+
+
+def test_external_client_dnatted_to_a_local_backend_belongs_to_the_backend():
+    """external -> NodePort -> local pod: the drop is the backend pod's ingress, class external_to_pod."""
+    resolver = PodsByIp({"10.244.1.7": PodRef("shop", "backend")})
+    resolver.services = {}
+    view = ClusterView(node_pod_cidrs=parse_cidrs(["10.244.1.0/24"]),
+                       host_ips=frozenset({ipaddress.ip_address("192.168.100.1")}))
+    acct = DropAccounting(view, resolver, names)
+    r = DropRecord(key=b"n", src=ipaddress.ip_address("203.0.113.9"), dst=ipaddress.ip_address("10.244.1.7"),
+                   protocol="tcp", reason=12, netns=1, ifindex=2, packets=1, bytes=60,
+                   orig_dst=ipaddress.ip_address("192.168.100.1"), orig_dport=30080)
+    acct.update([r])
+    assert acct.snapshot()[0] == {
+        ("NETFILTER_DROP", "tcp", "external_to_pod", "ingress", "shop", "backend", "", ""): 1}

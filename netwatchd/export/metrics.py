@@ -59,8 +59,8 @@ IDENTITY_UP = MetricSpec("netwatch_identity_up", "gauge",
                          "counting on the last good data.", ("source",))
 IDENTITY_PODS = MetricSpec("netwatch_identity_pods", "gauge", "Local pods known from the kubelet.", ())
 IDENTITY_ERRORS = MetricSpec("netwatch_identity_errors", "counter",
-                             "Failed identity refreshes by source and kind (unreachable, timeout, unauthorized, "
-                             "malformed, http_error).", ("source", "kind"))
+                             "Failed identity requests by source (kubelet, apiserver) and kind (unreachable, timeout, "
+                             "unauthorized, malformed, http_error, watch_interrupted).", ("source", "kind"))
 PROG_RUNS = MetricSpec("netwatch_bpf_program_runs", "counter",
                        "Times each of netwatchd's BPF programs ran (kernel BPF stats).", ("probe", "program"))
 PROG_RUN_SECONDS = MetricSpec("netwatch_bpf_program_run_seconds", "counter",
