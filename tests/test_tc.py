@@ -378,3 +378,25 @@ def test_veth_created_while_running_is_counted_within_two_seconds(node, daemon):
     assert daemon.value("netwatch_tc_interfaces", role="pod") == 2
     assert time.monotonic() - t0 < 30
     assert not [e for e in daemon.logs if e.get("level") in ("warning", "error") and "tc" in e.get("event", "")]
+
+
+@pytest.mark.parametrize("mode", ["tcx", "clsact"])
+def test_after_sigkill_a_restart_leaves_nothing_behind(node, mode):
+    """tcx links die with netwatchd's fds; clsact filters outlive a SIGKILL, and the next start replaces them
+    (recognised by our prio, handle and program name) instead of stacking a second copy."""
+    a = node.pods["default/a"]
+    d = start_netwatchd(tc_args(node, "--tc-attach", mode), netns=node.netns)
+    first = prog_ids_of(d.proc.pid)
+    d.proc.kill()
+    d.proc.wait(10)
+    left = tc_filters(node, a.host_veth, "ingress")
+    assert ("nw_tc_pod_in" in left) == (mode == "clsact")
+    d = start_netwatchd(tc_args(node, "--tc-attach", mode), netns=node.netns)
+    try:
+        assert tc_filters(node, a.host_veth, "ingress").count("handle 0x4e57") == (mode == "clsact")
+        assert not first & loaded_programs(), "the killed run's programs are still loaded"
+    finally:
+        second = prog_ids_of(d.proc.pid)
+        assert d.stop() == 0
+    assert "nw_tc" not in tc_filters(node, a.host_veth, "ingress") + tc_filters(node, a.host_veth, "egress")
+    assert not second & loaded_programs()
