@@ -70,6 +70,9 @@ class ClusterView:
     service_ips: frozenset[IPAddress] = frozenset()
     # Exact local pod IPs from the kubelet (pods whose CIDR is not known, e.g. no IPAM ranges per node).
     local_pod_ips: frozenset[IPAddress] | None = None
+    # Bumped by identity whenever anything above or the pods/services behind the resolver change, so
+    # consumers may cache per-key attributions until it moves.
+    generation: int = 0
 
     def is_local_pod(self, ip: IPAddress) -> bool:
         """A pod the kubelet listed, or any address of this node's pod CIDR (a pod not listed yet) that is not

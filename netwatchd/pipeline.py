@@ -8,7 +8,7 @@ grow — even when a map entry is evicted to make room, or a pod's identity chan
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +78,8 @@ class DropAccounting:
         self.bytes: dict[tuple[str, ...], int] = {}
         self._last: dict[bytes, tuple[int, int]] = {}
         self._idle: set[bytes] = set()
+        self._label_cache: dict[bytes, tuple[str, ...]] = {}
+        self._cache_gen = -1
         self.lock = threading.Lock()
 
     def _local_pod(self, ip) -> PodRef:
@@ -143,20 +145,39 @@ class DropAccounting:
         svc_ns, svc_name = svc or ("", "")
         return (reason, rec.protocol, att.traffic_class, att.direction, pod.namespace, pod.pod, svc_ns, svc_name)
 
-    def update(self, records: Iterable[DropRecord]) -> None:
-        """Add each key's growth since the previous read to its label set's totals."""
+    def seen_packets(self, key: bytes) -> int | None:
+        """Packets of `key` at the previous read (None: never seen)."""
+        last = self._last.get(key)
+        return last[0] if last else None
+
+    def update(self, records: Iterable[DropRecord], idle: Iterable[bytes] = ()) -> None:
+        """Add each key's growth since the previous read to its label set's totals. `idle`: keys the caller
+        already found unchanged (not decoded)."""
+        self.update_raw(((r.key, r.packets, r.bytes, (lambda r=r: r)) for r in records), idle)
+
+    def update_raw(self, entries: Iterable[tuple[bytes, int, int, Callable[[], DropRecord]]],
+                   idle: Iterable[bytes] = ()) -> None:
+        """Like update(), from (raw key, packets, bytes, decode) where decode() is only called when the key's
+        labels are not cached: labels depend only on the raw key and the identity generation."""
         with self.lock:
-            idle: set[bytes] = set()
-            for rec in records:
-                last_p, last_b = self._last.get(rec.key, (0, 0))
-                dp, db = rec.packets - last_p, rec.bytes - last_b
+            idle = set(idle)
+            gen = getattr(self.view, "generation", 0)
+            if gen != self._cache_gen:
+                self._label_cache.clear()
+                self._cache_gen = gen
+            for raw, packets, nbytes, decode in entries:
+                last_p, last_b = self._last.get(raw, (0, 0))
+                dp, db = packets - last_p, nbytes - last_b
                 if dp < 0:  # the entry was deleted and re-created since the last read
-                    dp, db = rec.packets, rec.bytes
-                self._last[rec.key] = (rec.packets, rec.bytes)
+                    dp, db = packets, nbytes
+                self._last[raw] = (packets, nbytes)
                 if dp == 0:
-                    idle.add(rec.key)
+                    idle.add(raw)
                     continue
-                labels = self.budget.admit(self.labels_for(rec), _POD, _NS)
+                labels = self._label_cache.get(raw)
+                if labels is None:
+                    labels = self.budget.admit(self.labels_for(decode()), _POD, _NS)
+                    self._label_cache[raw] = labels
                 self.packets[labels] = self.packets.get(labels, 0) + dp
                 self.bytes[labels] = self.bytes.get(labels, 0) + db
             self._idle = idle
@@ -170,6 +191,7 @@ class DropAccounting:
             for k in keys:
                 self._last.pop(k, None)
                 self._idle.discard(k)
+                self._label_cache.pop(k, None)
 
     def forget_pod(self, namespace: str, pod: str) -> int:
         """Drop every series of a pod that went away (after the grace period); returns how many."""
@@ -179,6 +201,9 @@ class DropAccounting:
                 self.packets.pop(k, None)
                 self.bytes.pop(k, None)
                 self.budget.seen.discard(k)
+            # cached label sets of keys that still point at the gone pod must be recomputed
+            self._label_cache = {raw: lab for raw, lab in self._label_cache.items()
+                                 if not (lab[_NS] == namespace and lab[_POD] == pod)}
             return len(gone)
 
     def series(self) -> int:

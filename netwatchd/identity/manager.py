@@ -86,6 +86,7 @@ class IdentityManager:
         self._links: LinkMonitor | None = None
         self._thread = threading.Thread(target=self._run, name="netwatchd-identity", daemon=True)
         self._view_lock = threading.Lock()
+        self._pods_seen: tuple = ()
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -126,7 +127,16 @@ class IdentityManager:
 
     def _apply_view(self) -> None:
         with self._view_lock:
+            before = self._signature()
             self.resolver.apply_to_view(self.view)
+            if self._signature() != before or self.resolver.pods != self._pods_seen:
+                self._pods_seen = self.resolver.pods
+                self.view.generation += 1  # cached attributions are stale
+
+    def _signature(self) -> tuple:
+        v = self.view
+        return (v.node_pod_cidrs, v.cluster_cidrs, v.service_cidrs, v.host_ips, v.node_ips, v.service_ips,
+                v.local_pod_ips, self.resolver.cluster)
 
     def _set_up(self, source: str, ok: bool, error: IdentityError | None = None) -> None:
         was = self.up.get(source)

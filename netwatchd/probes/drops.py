@@ -121,11 +121,19 @@ class DropsProbe:
             return
         if self.tail is not None:
             self.tail.expire()
-        records = self.read()
-        self.accounting.update(records)
-        self.stats.entries = len(records)
+        # Decode only entries that grew since the last read: at 10k keys, decoding is most of the cost.
+        items = self._items()
+        changed, idle = [], []
+        for k, v in items:
+            raw = bytes(k)
+            if self.accounting.seen_packets(raw) == v.packets:
+                idle.append(raw)
+            else:
+                changed.append((raw, v.packets, v.bytes, lambda k=k, v=v: self.decode(k, v)))
+        self.accounting.update_raw(changed, idle=idle)
+        self.stats.entries = len(items)
         self.stats.overflow = self.overflow()
-        if len(records) >= EVICT_AT * self.max_entries:
+        if len(items) >= EVICT_AT * self.max_entries:
             idle = self.accounting.idle_keys()
             self.evict(idle)
             self.accounting.forget(idle)
@@ -160,29 +168,37 @@ class DropsProbe:
     def attached(self) -> bool:
         return self._bpf is not None
 
+    def _items(self) -> list:
+        """(key, value) of every map entry: one batched syscall when the kernel allows (BCC sizes the batch
+        to max_entries, so one call returns the whole map), else BCC's per-key iteration."""
+        table = self._bpf["drops"]
+        try:
+            return list(table.items_lookup_batch())
+        except Exception:  # noqa: BLE001 - old kernels without batch ops
+            return list(table.items())
+
+    @staticmethod
+    def decode(k, v) -> DropRecord:
+        return DropRecord(
+            key=bytes(k),
+            src=decode_addr(bytes(k.saddr), k.family),
+            dst=decode_addr(bytes(k.daddr), k.family),
+            protocol=protocol_name(k.family, k.l4proto, k.eth_proto),
+            reason=k.reason,
+            netns=k.netns,
+            ifindex=k.ifindex,
+            packets=v.packets,
+            bytes=v.bytes,
+            orig_dst=decode_addr(bytes(k.ct_daddr), k.family) if k.ct_flags & CT_NATTED else None,
+            orig_dport=socket.ntohs(k.ct_dport),
+            ct_reply=bool(k.ct_flags & CT_REPLY),
+        )
+
     def read(self) -> list[DropRecord]:
         """All entries of the kernel map, decoded."""
         if self._bpf is None:
             return []
-        out = []
-        for k, v in self._bpf["drops"].items():
-            out.append(
-                DropRecord(
-                    key=bytes(k),
-                    src=decode_addr(bytes(k.saddr), k.family),
-                    dst=decode_addr(bytes(k.daddr), k.family),
-                    protocol=protocol_name(k.family, k.l4proto, k.eth_proto),
-                    reason=k.reason,
-                    netns=k.netns,
-                    ifindex=k.ifindex,
-                    packets=v.packets,
-                    bytes=v.bytes,
-                    orig_dst=decode_addr(bytes(k.ct_daddr), k.family) if k.ct_flags & CT_NATTED else None,
-                    orig_dport=socket.ntohs(k.ct_dport),
-                    ct_reply=bool(k.ct_flags & CT_REPLY),
-                )
-            )
-        return out
+        return [self.decode(k, v) for k, v in self._items()]
 
     def overflow(self) -> int:
         """Drops not counted per key because the map was full (cumulative)."""
