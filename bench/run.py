@@ -56,8 +56,9 @@ FLOW_SOURCES = "10.250.0.0/16"  # spoofed sources of the many-flows load; blackh
 FLOW_MEANING = (
     "a flow is one distinct UDP 5-tuple: source address 10.250.x.y (one per flow) and port, to a closed port of "
     "a pod on the node, sent through the bridge and dropped by the receiving pod's kernel (NO_SOCKET), so every "
-    "flow is one key in the drops map and one 5-tuple for any per-flow probe; the flows are re-sent before every "
-    "scrape. The daemon runs with --interval 3600 here so that each scrape does the map read itself.")
+    "flow is one key in the drops map (and would be one for any probe keyed by 5-tuple; the entries column shows "
+    "what each map held); the flows are re-sent before every scrape. The daemon runs with --interval 3600 here "
+    "so that each scrape does the map read itself.")
 REQUIRED_TOOLS = {"iperf3": "iperf3", "tcpdump": "tcpdump", "bpftool": "bpftool", "gcc": "gcc",
                   "taskset": "util-linux", "ip": "iproute2", "iptables": "iptables"}
 TARGET_NS_PER_EVENT = "<100"

@@ -16,37 +16,43 @@
  * (__sk_buff.ingress_ifindex) tells them apart: 0 for a packet the node's stack created, else the device it
  * was last received on, whose role user space keeps in `ifaces`:
  *   - pod veth / bridge: it entered at a pod veth ingress and was counted there;
- *   - uplink: counted at the uplink ingress unless that ingress DEFERRED it to the pod veth egress (below);
+ *   - uplink: counted at the uplink ingress unless that ingress DEFERRED it to the egress (below);
  *   - 0, or a device we do not watch: not counted yet, so counted now.
  * The uplink ingress defers packets headed for a local pod, so that they count for that pod: a destination
  * that is a local pod, or a reply to a pod's masqueraded connection, recognised through `nat_expect`, which
- * nw_tc_up_out fills with the reply tuple of each pod packet it sees leaving with a translated source. At the
- * pod veth egress the same test runs on the packet as it arrived (conntrack's tuple for its direction, when NAT
- * changed it), so a NodePort / externalIP packet (counted at the uplink as the node's, then DNATed to a pod) is
- * not counted twice. Overlay encapsulation (UDP to a vxlan/geneve port in `overlay_ports`) is skipped at the
- * uplinks: its inner packets are counted on the overlay device, itself an uplink.
+ * nw_tc_up_out fills with the reply tuple of each pod packet it sees leaving with a translated source. The
+ * ingress leaves its decision in the packet's mark (below); should the mark be gone, the egress repeats the
+ * test on the packet as it arrived (conntrack's tuple for its direction, when NAT changed it). Either way a
+ * NodePort / externalIP packet (counted at the uplink as the node's, then DNATed to a pod) is not counted twice.
+ * Overlay encapsulation (UDP to a vxlan/geneve port in `overlay_ports`) is skipped at the uplinks: its inner
+ * packets are counted on the overlay device, itself an uplink. Node-originated broadcast/multicast that the
+ * bridge floods counts once per pod veth it reaches (each copy leaves the node separately).
  *
  * CLASSIFICATION IN THE KERNEL. User space turns the cluster view into address memberships (NW_M_*: local
- * pod, pod, service, node, node-local scope, loopback) in the LPM trie `nets`, and into `classes`,
- * the classifier's answer (class, direction, local side) for every pair of memberships, computed by
+ * pod, pod, service, node, node-local scope, loopback) in the LPM trie `nets`, and into `classes`, the
+ * classifier's answer (class, direction, local side) for every pair of memberships, computed by
  * classify.classify itself. Per-CPU direct-mapped caches of address pairs (`pcache`) and addresses (`mcache`),
- * invalidated by the generation in `config`, save most lookups. Counters are a per-CPU array indexed by (slot, class, direction): slot 0 is
- * the node, each pod veth has its own slot (user space assigns them in `ifaces`), and the kernel records the
- * pod's address(es) per slot in `slot_addr` so user space names the pod the same way the other probes do.
+ * invalidated by the generation in `config`, save most lookups. Counters are a per-CPU array indexed by
+ * (slot, class, direction): slot 0 is the node, each pod veth has its own slot (user space assigns them in
+ * `ifaces`), and the kernel records the pod's address(es) per slot in `slot_addr`, from which user space names
+ * the pod the way the other probes do. A packet whose attribution-rule local side is not the pod behind the
+ * veth it is counted at counts for slot 0 (the node) with its class and direction.
  *
- * NODE TRANSIT TIME. An ingress hook stamps 1 in TC_TRANSIT_SAMPLE packets in the per-CPU `stamps` slot
- * chosen by the address of its struct sk_buff: the same object travels from the ingress device through
- * bridge, netfilter and routing to the egress device, synchronously on one CPU, whatever NAT does to the
- * headers. The egress hook finds the stamp when the slot holds this skb, stamped on the device skb_iif names
- * (or on a pod veth behind the bridge) with the same NAT-invariant fingerprint of the IP header, and adds the
- * time to `transit` (per-CPU histograms per path and class, exact Prometheus buckets: nw_hist_add).
- * Limits: the egress qdisc is not included (tc egress runs before it; veths have none); packets the node's
- * stack terminates or creates have no transit; a packet that changes CPU on its way (NFQUEUE) or whose slot is
- * reused by another stamped packet before it leaves is not timed; flooded clones are not timed.
+ * MARKS AND NODE TRANSIT TIME. An ingress hook marks a packet in the per-CPU `stamps` slot chosen by the
+ * address of its struct sk_buff: the same object travels from the ingress device through bridge, netfilter
+ * and routing to the egress device, synchronously on one CPU, whatever NAT does to its headers. Uplink ingress
+ * marks every packet (its counting decision); both ingress hooks add the time (and a NAT-invariant fingerprint
+ * of the IP header) to 1 in TC_TRANSIT_SAMPLE packets. The egress hook takes the mark when the slot holds this
+ * skb, marked on the device skb_iif names (or on a pod veth behind the bridge), and for a timed packet with
+ * the same fingerprint adds the time to `transit` (per-CPU histograms per path and class, in the exported
+ * Prometheus buckets: nw_hist_add). Limits: the egress qdisc is not included (tc egress runs before it; veths
+ * have none); packets the node's stack terminates or creates have no transit; a packet that changes CPU on its
+ * way (NFQUEUE) or whose slot another marked packet took before it left is not timed; flooded clones are not
+ * timed. Sampling is random (xorshift per CPU); a timed packet costs two clock reads.
  *
  * The skb address: cls_bpf and tcx run programs with the kernel's struct sk_buff as context; using it as a
- * number (nw_skb_id: slot hash and tag; probe_read base for _nfct) needs the privileges netwatchd has anyway (CAP_BPF and
- * CAP_PERFMON: the verifier's allow_ptr_leaks). Kernel struct reads use BTF offsets (-D*_OFF).
+ * number (nw_skb_id: slot hash and tag; base of the probe_read of _nfct) needs the privileges netwatchd has
+ * anyway (CAP_BPF and CAP_PERFMON: the verifier's allow_ptr_leaks). Kernel struct reads use BTF offsets.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -136,13 +142,14 @@ struct pc_entry {
 };
 
 struct stamp {
-    u64 skb;  /* nw_skb_id() of the stamped packet: the slot's tag */
-    u64 ts;
-    u32 ifindex;
+    u64 skb;     /* nw_skb_id() of the marked packet: the slot's tag */
+    u64 ts;      /* when it entered; 0: not timed */
+    u32 ifindex; /* the device it entered by */
     u32 fp;
-    u8 point;  /* NW_PT_* */
-    u8 cls;    /* `classes` value where it was counted; 0xff: deferred, classify at the egress */
-    u8 pad[6];
+    u8 point;    /* NW_PT_* */
+    u8 cls;      /* `classes` value where it was counted; 0xff: deferred, classify at the egress */
+    u8 deferred; /* uplink ingress: counting left to the egress */
+    u8 pad[5];
 };
 
 struct nat_key {
@@ -173,13 +180,14 @@ BPF_ARRAY(config, u32, 1);                    /* [0]: membership generation, bum
 BPF_ARRAY(ifaces, struct iface, TC_IFINDEX_MAX);
 BPF_HASH(ifaces_big, u64, struct iface, 4096); /* ifindex >= TC_IFINDEX_MAX */
 BPF_ARRAY(slot_addr, struct slot_addr, TC_SLOTS);
-BPF_HASH(overlay_ports, u16, u8, 64);
+BPF_ARRAY(overlay_ports, u64, 1024); /* bit (port & 63) of word (port >> 6), host-order port */
 BPF_PERCPU_ARRAY(volume, struct slot_vals, TC_SLOTS);
 BPF_PERCPU_ARRAY(transit, struct nw_hist, NW_PATHS * NW_CLASSES);
 BPF_PERCPU_ARRAY(stamps, struct stamp, NW_STAMPS);
 BPF_PERCPU_ARRAY(mcache, struct mc_entry, NW_MCACHE);
 BPF_PERCPU_ARRAY(pcache, struct pc_entry, NW_MCACHE);
 BPF_PERCPU_ARRAY(sampler, u32, 1);
+BPF_PERCPU_ARRAY(ncache, u64, 256);
 BPF_TABLE("lru_hash", struct nat_key, u8, nat_expect, TC_NAT_ENTRIES);
 
 /* Map lookups are fast only where the verifier can see which map a call uses (array lookups are then inlined,
@@ -397,47 +405,68 @@ static __always_inline u32 nw_stamp_slot(u64 id)
     return ((u32)(id >> 6) * 0x9E3779B1U) >> 24;
 }
 
-static __always_inline void nw_stamp(struct __sk_buff *skb, u8 point, u8 cls)
+/* Time this packet? 1 in TC_TRANSIT_SAMPLE, at random: xorshift32 per CPU, no helper call
+ * (bpf_get_prandom_u32 costs ~30 ns here, a clock read ~60 ns). */
+static __always_inline int nw_sampled(void)
 {
 #if TC_TRANSIT_SAMPLE > 1
-    /* xorshift32 per CPU: random sampling without a helper call (bpf_get_prandom_u32 costs ~30 ns here) */
     int zero = 0;
     u32 *rng = sampler.lookup(&zero);
     if (!rng)
-        return;
+        return 0;
     u32 x = *rng ? *rng : 2463534242U;
     x ^= x << 13;
     x ^= x >> 17;
     x ^= x << 5;
     *rng = x;
-    if (x % TC_TRANSIT_SAMPLE)
-        return;
+    return x % TC_TRANSIT_SAMPLE == 0;
+#else
+    return 1;
 #endif
+}
+
+/* An ingress hook's mark on the packet, in its per-CPU stamp slot: where it entered, how it was classified,
+ * whether its counting was deferred to the egress and, when `timed`, when it entered. */
+static __always_inline void nw_mark(struct __sk_buff *skb, u8 point, u8 cls, u8 deferred, int timed)
+{
     u64 id = nw_skb_id(skb);
     u32 idx = nw_stamp_slot(id);
     struct stamp *s = stamps.lookup(&idx);
     if (!s)
         return;
     s->skb = id;
-    s->ts = bpf_ktime_get_ns();
     s->ifindex = skb->ifindex;
-    s->fp = nw_fingerprint(skb);
     s->point = point;
     s->cls = cls;
+    s->deferred = deferred;
+    if (timed) {
+        s->ts = bpf_ktime_get_ns();
+        s->fp = nw_fingerprint(skb);
+    } else {
+        s->ts = 0;
+    }
 }
 
-/* At an egress hook: the end of the transit of a packet stamped at an ingress hook, if it was. `cls_here`
- * classifies the packet here, for one deferred by its ingress (called only then: it costs lookups). */
-static __always_inline void nw_transit_end(struct __sk_buff *skb, int to_uplink, u8 iif_role, struct pkt *p)
+/* At an egress hook: this packet's mark (consumed), or NULL when its slot holds another packet's (or none).
+ * The mark must come from the device skb_iif names, or from a pod veth behind the bridge. */
+static __always_inline struct stamp *nw_find_mark(struct __sk_buff *skb, u8 iif_role)
 {
     u64 id = nw_skb_id(skb);
     u32 idx = nw_stamp_slot(id);
     struct stamp *s = stamps.lookup(&idx);
     if (!s || s->skb != id)
-        return;
+        return NULL;
     s->skb = 0;
-    u32 iif = skb->ingress_ifindex;
-    if (s->ifindex != iif && !(s->point == NW_PT_POD_IN && iif_role == NW_ROLE_BRIDGE))
+    if (s->ifindex != skb->ingress_ifindex && !(s->point == NW_PT_POD_IN && iif_role == NW_ROLE_BRIDGE))
+        return NULL;
+    return s;
+}
+
+/* The end of a timed packet's transit. The class is that of the packet where it was counted: at the ingress
+ * (in the mark), or here (`p`) for one the ingress deferred. */
+static __always_inline void nw_transit_end(struct __sk_buff *skb, struct stamp *s, int to_uplink, struct pkt *p)
+{
+    if (!s || !s->ts)
         return;
     u64 now = bpf_ktime_get_ns();
     if (now <= s->ts || now - s->ts > NW_TRANSIT_MAX_NS || s->fp != nw_fingerprint(skb))
@@ -451,12 +480,15 @@ static __always_inline void nw_transit_end(struct __sk_buff *skb, int to_uplink,
         nw_hist_add(hist, now - s->ts);
 }
 
+/* UDP to an overlay port (vxlan, geneve): a bitmap over all ports, so the test is an inlined array access. */
 static __always_inline int nw_is_overlay(const struct pkt *p)
 {
     if (p->proto != NW_PROTO_UDP)
         return 0;
-    u16 port = p->dport;
-    return overlay_ports.lookup(&port) != NULL;
+    u32 port = bpf_ntohs(p->dport);
+    u32 word = port >> 6;
+    u64 *bits = overlay_ports.lookup(&word);
+    return bits && (*bits >> (port & 63)) & 1;
 }
 
 static __always_inline int nw_nat_expected(const u32 *remote, const u32 *local, u16 rport, u16 lport, u8 proto,
@@ -523,8 +555,9 @@ int nw_tc_pod_in(struct __sk_buff *skb)
     struct iface *ifc = nw_iface(skb->ifindex);
     u8 c = nw_class(&p, nw_gen());
     nw_count(skb, &p, c, ifc ? ifc->slot : 0, 0);
-    if (!(p.dst_m & (NW_M_NODE | NW_M_SCOPE))) /* to the node itself: its stack ends it, no transit */
-        nw_stamp(skb, NW_PT_POD_IN, c);
+    /* to the node itself: its stack ends it, no transit */
+    if (!(p.dst_m & (NW_M_NODE | NW_M_SCOPE)) && nw_sampled())
+        nw_mark(skb, NW_PT_POD_IN, c, 0, 1);
     return TC_ACT_UNSPEC;
 }
 
@@ -534,14 +567,24 @@ int nw_tc_up_in(struct __sk_buff *skb)
     if (nw_parse(skb, &p, 1) < 0 || nw_is_overlay(&p))
         return TC_ACT_UNSPEC;
     u8 c = nw_class(&p, nw_gen());
-    if (nw_deferred_at_uplink(&p)) {
-        nw_stamp(skb, NW_PT_UP_IN, 0xff);
-        return TC_ACT_UNSPEC;
-    }
-    nw_count(skb, &p, c, 0, 0);
-    if (p.dst_m & (NW_M_POD | NW_M_SERVICE))
-        nw_stamp(skb, NW_PT_UP_IN, c);
+    u8 deferred = nw_deferred_at_uplink(&p);
+    if (!deferred)
+        nw_count(skb, &p, c, 0, 0);
+    /* marked always: an egress hook learns from it whether the packet was counted here */
+    int timed = (deferred || (p.dst_m & (NW_M_POD | NW_M_SERVICE))) && nw_sampled();
+    nw_mark(skb, NW_PT_UP_IN, deferred ? 0xff : c, deferred, timed);
     return TC_ACT_UNSPEC;
+}
+
+/* At an egress hook, a packet that came in through an uplink: was it deferred there? Its mark says; without
+ * one (slot reused meanwhile, or the packet changed CPU), the test is repeated on the packet as it arrived. */
+static __always_inline int nw_was_deferred(struct __sk_buff *skb, struct stamp *s, const struct pkt *p, u32 gen)
+{
+    if (s)
+        return s->deferred;
+    struct pkt arrived = *p;
+    nw_as_arrived(skb, &arrived, gen);
+    return nw_deferred_at_uplink(&arrived);
 }
 
 int nw_tc_pod_out(struct __sk_buff *skb)
@@ -550,7 +593,7 @@ int nw_tc_pod_out(struct __sk_buff *skb)
     struct iface *src_if = iif ? nw_iface(iif) : NULL;
     u8 role = src_if ? src_if->role : 0;
     if (role == NW_ROLE_POD || role == NW_ROLE_BRIDGE) { /* counted at the sending pod's veth */
-        nw_transit_end(skb, 0, role, NULL);
+        nw_transit_end(skb, nw_find_mark(skb, role), 0, NULL);
         return TC_ACT_UNSPEC;
     }
     struct pkt p = {};
@@ -561,15 +604,42 @@ int nw_tc_pod_out(struct __sk_buff *skb)
     struct iface *ifc = nw_iface(skb->ifindex);
     u32 slot = ifc ? ifc->slot : 0;
     if (role == NW_ROLE_UPLINK) {
-        struct pkt arrived = p;
-        nw_as_arrived(skb, &arrived, gen);
-        if (nw_deferred_at_uplink(&arrived))
+        struct stamp *s = nw_find_mark(skb, role);
+        if (nw_was_deferred(skb, s, &p, gen))
             nw_count(skb, &p, c, slot, 1);
-        nw_transit_end(skb, 0, role, &p);
+        nw_transit_end(skb, s, 0, &p);
         return TC_ACT_UNSPEC;
     }
     nw_count(skb, &p, c, slot, 1); /* the node's own packet (iif 0), or from a device we do not watch */
     return TC_ACT_UNSPEC;
+}
+
+/* nat_expect is an LRU hash (a lookup costs tens of ns): a per-CPU direct-mapped memo of reply tuples
+ * already expected saves it for every packet of a masqueraded flow but the first on each CPU. */
+static __always_inline void nw_expect_reply(const struct pkt *p)
+{
+    struct nat_key k = {};
+    __builtin_memcpy(k.remote, p->daddr, 16);
+    __builtin_memcpy(k.local, p->saddr, 16);
+    k.rport = p->dport;
+    k.lport = p->sport;
+    k.proto = p->proto;
+    k.family = p->family;
+    u64 h = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        h = (h ^ k.remote[i] ^ ((u64)k.local[i] << 32)) * 0x9E3779B97F4A7C15ULL;
+    h = (h ^ k.rport ^ ((u64)k.lport << 16) ^ ((u64)k.proto << 32)) * 0x9E3779B97F4A7C15ULL;
+    u32 idx = h >> 56;
+    u64 *memo = ncache.lookup(&idx);
+    if (memo && *memo == h)
+        return;
+    if (!nat_expect.lookup(&k)) {
+        u8 one = 1;
+        nat_expect.update(&k, &one);
+    }
+    if (memo)
+        *memo = h;
 }
 
 int nw_tc_up_out(struct __sk_buff *skb)
@@ -580,36 +650,22 @@ int nw_tc_up_out(struct __sk_buff *skb)
     u32 iif = skb->ingress_ifindex;
     struct iface *src_if = iif ? nw_iface(iif) : NULL;
     u8 role = src_if ? src_if->role : 0;
+    u32 gen = nw_gen();
     if (role == NW_ROLE_POD || role == NW_ROLE_BRIDGE) {
         /* counted at the pod veth. A source that is no local pod any more was masqueraded: expect replies. */
-        if (p.sport | p.dport) {
-            p.src_m = nw_membership(p.saddr, p.family, nw_gen());
-            if (!(p.src_m & NW_M_LOCAL_POD) &&
-                !nw_nat_expected(p.daddr, p.saddr, p.dport, p.sport, p.proto, p.family)) {
-                struct nat_key k = {};
-                __builtin_memcpy(k.remote, p.daddr, 16);
-                __builtin_memcpy(k.local, p.saddr, 16);
-                k.rport = p.dport;
-                k.lport = p.sport;
-                k.proto = p.proto;
-                k.family = p.family;
-                u8 one = 1;
-                nat_expect.update(&k, &one);
-            }
-        }
-        nw_transit_end(skb, 1, role, NULL);
+        if ((p.sport | p.dport) && !(nw_membership(p.saddr, p.family, gen) & NW_M_LOCAL_POD))
+            nw_expect_reply(&p);
+        nw_transit_end(skb, nw_find_mark(skb, role), 1, NULL);
         return TC_ACT_UNSPEC;
     }
+    u8 c = nw_class(&p, gen);
     if (role == NW_ROLE_UPLINK) { /* forwarded between uplinks: counted at its ingress, unless deferred there */
-        u32 gen = nw_gen();
-        u8 c = nw_class(&p, gen);
-        struct pkt arrived = p;
-        nw_as_arrived(skb, &arrived, gen);
-        if (nw_deferred_at_uplink(&arrived))
+        struct stamp *s = nw_find_mark(skb, role);
+        if (nw_was_deferred(skb, s, &p, gen))
             nw_count(skb, &p, c, 0, 1);
-        nw_transit_end(skb, 1, role, &p);
+        nw_transit_end(skb, s, 1, &p);
         return TC_ACT_UNSPEC;
     }
-    nw_count(skb, &p, nw_class(&p, nw_gen()), 0, 1);
+    nw_count(skb, &p, c, 0, 1);
     return TC_ACT_UNSPEC;
 }

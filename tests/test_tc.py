@@ -400,3 +400,38 @@ def test_after_sigkill_a_restart_leaves_nothing_behind(node, mode):
         assert d.stop() == 0
     assert "nw_tc" not in tc_filters(node, a.host_veth, "ingress") + tc_filters(node, a.host_veth, "egress")
     assert not second & loaded_programs()
+
+
+def test_pods_are_named_with_kubelet_identity(lab):
+    """With the (lab) kubelet, each pod veth's counters carry the pod's namespace and name, in every direction
+    and for the node's traffic to a pod too."""
+    from netwatchd.lab.cluster import LabCluster
+
+    n1 = lab.add_node("n1")
+    n2 = lab.add_node("n2")
+    lab.add_uplink(n1, n2)
+    a, b = (n1.add_pod(name, namespace="shop") for name in ("a", "b"))
+    z = n2.add_pod("z", namespace="shop")
+    for ep in (a, b, z):
+        hush(ep)
+    with LabCluster(lab, n1) as cluster:
+        d = start_netwatchd(cluster.netwatchd_args() + ["--probes", "tc"], netns=n1.netns)
+        try:
+            deadline = time.monotonic() + 15
+            while d.value("netwatch_identity_pods") < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for src, dst in ((a, b.ip), (z, a.ip), (n1, b.ip)):
+                assert ping(src, dst) == 1
+            before, _ = quiet(d)
+            udp_burst(a, b, b.ip, 7010, 30)
+            udp_burst(z, a, a.ip, 7011, 20)
+            assert ping(n1, b.ip, count=5) == 5
+            got = settled_growth(d, before, 60)
+            assert_counted_once(got, {
+                ("pod_to_pod_local", "egress", "shop", "a"): 30,
+                ("pod_to_pod_remote", "ingress", "shop", "a"): 20,
+                ("host", "ingress", "shop", "b"): 5,  # the node's echo requests, delivered to b
+                ("host", "egress", "shop", "b"): 5,  # b's replies
+            })
+        finally:
+            assert d.stop() == 0

@@ -162,7 +162,11 @@ class MembershipTable:
         for version, top in ((4, ipaddress.ip_network("0.0.0.0/0")), (6, ipaddress.ip_network("::/0"))):
             fam = [n for n in nets if n.version == version]
             for net in [top, *fam]:
-                addrs = _uncovered(net, fam, 2)
+                if net.prefixlen == net.max_prefixlen:
+                    addrs = [net.network_address]
+                else:
+                    addrs = _uncovered(net, fam if net is top else
+                                       [n for n in fam if n.prefixlen > net.prefixlen and n.subnet_of(net)], 2)
                 if not addrs:  # wholly covered by longer prefixes: its own bits never decide anything
                     continue
                 bits = membership(view, addrs[0])
@@ -434,13 +438,14 @@ class TcProbe:
                 if self._ifaces.get(ifindex) != val:
                     self._set_iface(ifindex, val)
             self._ifaces = wanted
-            table = self._bpf["overlay_ports"]
-            for port in self._ports - ports:
-                with contextlib.suppress(KeyError):
-                    del table[table.Key(_be16(port))]
-            for port in ports - self._ports:
-                table[table.Key(_be16(port))] = table.Leaf(1)
-            self._ports = set(ports)
+            if ports != self._ports:
+                table = self._bpf["overlay_ports"]
+                words: dict[int, int] = {}
+                for port in ports:
+                    words[port >> 6] = words.get(port >> 6, 0) | 1 << (port & 63)
+                for word in {port >> 6 for port in self._ports | ports}:
+                    table[table.Key(word)] = table.Leaf(words.get(word, 0))
+                self._ports = set(ports)
 
     def _set_iface(self, ifindex: int, val: tuple[int, int] | None) -> None:
         role, slot = val or (0, 0)
@@ -592,11 +597,6 @@ def _slot_addresses(leaf) -> list[IPAddress]:
     if any(raw6):
         out.append(ipaddress.IPv6Address(raw6))
     return out
-
-
-def _be16(port: int) -> int:
-    """A port as the kernel's u16 key holds it (network order read as a host-order integer)."""
-    return int.from_bytes(port.to_bytes(2, "big"), "little")
 
 
 def _lpm_key(lpm, net: IPNetwork):
