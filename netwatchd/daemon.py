@@ -29,6 +29,8 @@ from netwatchd.kernel.hooks import HookStatus
 from netwatchd.probes import registry
 from netwatchd.probes.base import ProbeContext
 
+HOST_ADDRESSES_EVERY_S = 5.0  # how often the node's own addresses are re-read
+
 
 @dataclass
 class DaemonState:
@@ -132,6 +134,7 @@ class Daemon:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._last_refresh = 0.0
+        self._hosts_read_at = time.monotonic()
 
     def start_identity(self) -> None:
         """Use the kubelet (and the apiserver) when configured; standalone otherwise."""
@@ -212,6 +215,19 @@ class Daemon:
                 if probe.name not in self.state.probe_errors:
                     probe.refresh()
 
+    def refresh_host_addresses(self) -> None:
+        """The node's own addresses change (an uplink configured late, a VIP on the node): re-read them."""
+        now = time.monotonic()
+        if now - self._hosts_read_at < HOST_ADDRESSES_EVERY_S:
+            return
+        self._hosts_read_at = now
+        addrs = host_addresses()
+        if addrs != self.view.host_ips:
+            self.log.info("node_addresses_changed", added=sorted(map(str, addrs - self.view.host_ips)),
+                          removed=sorted(map(str, self.view.host_ips - addrs)))
+            self.view.host_ips = addrs
+            self.view.generation += 1
+
     def ready(self) -> tuple[bool, str]:
         if not self.state.ready:
             return False, "starting"
@@ -239,6 +255,7 @@ class Daemon:
                           identity=self.state.identity_source)
             while not self.stop.wait(self.args.interval):
                 try:
+                    self.refresh_host_addresses()
                     self.refresh()
                 except Exception:  # noqa: BLE001 - log and keep counting; next interval retries
                     self.log.exception("refresh_failed")
