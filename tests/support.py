@@ -7,11 +7,13 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,3 +153,69 @@ def bpf_programs() -> dict[int, str]:
     """Every loaded BPF program: id -> name (bpftool prog show)."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     return {p["id"]: p.get("name", "") for p in json.loads(out)}
+
+
+
+# --- shared by the module-scoped lab "worlds" of the kernel tests ------------------------------------------
+
+# This run's addresses, random: the drops probe sees every netns of the kernel, so a concurrent lab using the same
+# pod addresses (another test file, or the suite run twice at once) would be counted as this lab's pods.
+RUN_A, RUN_B = random.SystemRandom().randrange(200, 255), random.SystemRandom().randrange(0, 250, 2)
+
+
+def node_addresses(i: int) -> dict[str, str]:
+    """Pod CIDRs (v4, v6) and node IP of this run's node number i (0, 1) for Lab.add_node(**...)."""
+    return dict(pod_cidr=f"10.{RUN_A}.{RUN_B + i}.0/24", pod_cidr6=f"fd00:{RUN_A:x}:{RUN_B + i:x}::/64",
+                node_ip=f"192.168.{RUN_A}.{RUN_B + 1 + i}")
+
+
+def vip(host: int) -> str:
+    """A ClusterIP of this run (in LabCluster's service CIDR 10.96.0.0/12)."""
+    return f"10.96.{RUN_B}.{host}"
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 20.0, step: float = 0.2) -> bool:
+    """Poll `cond` until it holds or `timeout` passes; returns whether it held (callers assert)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+class LabWorld:
+    """A lab with a LabCluster and a netwatchd, built once per test module (subclasses define build())."""
+
+    def __init__(self, lab) -> None:
+        self.lab, self.cluster, self.daemon = lab, None, None
+
+    def build(self) -> LabWorld:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        try:
+            if self.daemon is not None:
+                assert self.daemon.stop() == 0, "".join(self.daemon.stderr_lines)[-2000:]
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def build_world(cls: type[LabWorld]):
+    """Generator for a module-scoped fixture: a fresh Lab, `cls(lab).build()`, always torn down."""
+    import pytest
+
+    from netwatchd.lab.netns import Lab
+
+    if os.geteuid() != 0:
+        pytest.skip("lab namespaces need root")
+    lab = Lab()
+    w = cls(lab)
+    try:
+        yield w.build()
+    finally:
+        try:
+            w.close()
+        finally:
+            lab.close()

@@ -12,45 +12,28 @@ module, with a short --pod-series-grace (2 s) and --identity-interval (1 s). The
 
 from __future__ import annotations
 
-import os
-import random
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 
 import pytest
 
 from netwatchd.identity.netns import in_netns
 from netwatchd.lab.cluster import LabCluster
-from netwatchd.lab.netns import Lab, Pod
+from netwatchd.lab.netns import Pod
 from netwatchd.lab.traffic import ping, send_udp
-from tests.support import RunningDaemon, start_netwatchd
+from tests.support import LabWorld, RunningDaemon, build_world, node_addresses, start_netwatchd, wait_until
 
 pytestmark = pytest.mark.kernel
 
 NS = "churn"
 GRACE = 2.0
 INTERVAL = 1.0
-# This run's addresses, random: the drops probe sees every netns of the kernel, so a concurrent lab using the same
-# pod addresses (another test file, or this one run twice at once) would be counted as this lab's pods.
-_A, _B = random.SystemRandom().randrange(200, 255), random.SystemRandom().randrange(0, 250, 2)
-
-
-def node_addresses(i: int) -> dict[str, str]:
-    """Pod CIDRs (v4, v6) and node IP of this run's node number i (0, 1)."""
-    return dict(pod_cidr=f"10.{_A}.{_B + i}.0/24", pod_cidr6=f"fd00:{_A:x}:{_B + i:x}::/64",
-                node_ip=f"192.168.{_A}.{_B + 1 + i}")
-
-
 
 LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace", "service")
 
 
-class World:
-    def __init__(self, lab: Lab) -> None:
-        self.lab, self.cluster, self.daemon = lab, None, None
-
+class World(LabWorld):
     def build(self) -> World:
         self.n1 = self.lab.add_node("n1", **node_addresses(0))
         self.n2 = self.lab.add_node("n2", **node_addresses(1))
@@ -68,37 +51,11 @@ class World:
         self.port += 1
         return self.port
 
-    def close(self) -> None:
-        try:
-            if self.daemon is not None:
-                assert self.daemon.stop() == 0, "".join(self.daemon.stderr_lines)[-2000:]
-        finally:
-            if self.cluster is not None:
-                self.cluster.close()
 
 
 @pytest.fixture(scope="module")
 def world():
-    if os.geteuid() != 0:
-        pytest.skip("lab namespaces need root")
-    lab = Lab()
-    w = World(lab)
-    try:
-        yield w.build()
-    finally:
-        try:
-            w.close()
-        finally:
-            lab.close()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
+    yield from build_world(World)
 
 
 def series(d: RunningDaemon) -> dict[tuple[str, ...], float]:

@@ -13,37 +13,18 @@ concurrent test runs must not look like this lab's pods.
 
 from __future__ import annotations
 
-import os
-import random
 import sys
 import time
 
 import pytest
 
 from netwatchd.lab.cluster import LabCluster
-from netwatchd.lab.netns import Lab
 from netwatchd.lab.traffic import ping, send_udp, tcp_connect
-from tests.support import start_netwatchd
+from tests.support import RUN_A, RUN_B, LabWorld, build_world, node_addresses, start_netwatchd, vip
 
 pytestmark = pytest.mark.kernel
 
 NS = "shop"
-# This run's addresses, random: the drops probe sees every netns of the kernel, so a concurrent lab using the same
-# pod addresses (another test file, or this one run twice at once) would be counted as this lab's pods.
-_A, _B = random.SystemRandom().randrange(200, 255), random.SystemRandom().randrange(0, 250, 2)
-
-
-def node_addresses(i: int) -> dict[str, str]:
-    """Pod CIDRs (v4, v6) and node IP of this run's node number i (0, 1)."""
-    return dict(pod_cidr=f"10.{_A}.{_B + i}.0/24", pod_cidr6=f"fd00:{_A:x}:{_B + i:x}::/64",
-                node_ip=f"192.168.{_A}.{_B + 1 + i}")
-
-
-def vip(host: int) -> str:
-    """A ClusterIP of this run (in LabCluster's service CIDR 10.96.0.0/12)."""
-    return f"10.96.{_B}.{host}"
-
-
 LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace", "service")
 CART_VIP, CART_PORT, CART_BACKEND_PORT = vip(10), 53, 5353  # UDP ClusterIP -> pod b
 API_VIP, API_PORT, API_BACKEND_PORT = vip(11), 80, 8080  # TCP ClusterIP -> pods b, z
@@ -52,17 +33,14 @@ WEB_NODE_PORT, WEB_BACKEND_PORT = 30081, 8081  # UDP NodePort on n1 -> pod web (
 FAR_NODE_PORT, FAR_BACKEND_PORT = 30082, 8082  # UDP NodePort on n1 -> pod z (on n2)
 
 
-class World:
+class World(LabWorld):
     """The module's lab, cluster and daemon (see module docstring)."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab, self.cluster, self.daemon = lab, None, None
 
     def build(self) -> World:
         self.n1 = self.lab.add_node("n1", **node_addresses(0))
         self.n2 = self.lab.add_node("n2", **node_addresses(1))
         self.lab.add_uplink(self.n1, self.n2)
-        self.inet = self.lab.add_internet(self.n1, cidr=f"172.{16 + _B % 16}.{_A}.0/24")
+        self.inet = self.lab.add_internet(self.n1, cidr=f"172.{16 + RUN_B % 16}.{RUN_A}.0/24")
         # the internet reaches n1's pods directly too (a routed LoadBalancer / a flat network)
         self.inet.run(["ip", "route", "add", self.n1.pod_cidr, "via", self.n1.uplink_ip])
         self.a, self.b, self.web = (self.n1.add_pod(n, namespace=NS) for n in ("a", "b", "web"))
@@ -101,28 +79,11 @@ class World:
         time.sleep(0.5)  # the apiserver snapshot reached the classifier
         return self
 
-    def close(self) -> None:
-        try:
-            if self.daemon is not None:
-                assert self.daemon.stop() == 0, "".join(self.daemon.stderr_lines)[-2000:]
-        finally:
-            if self.cluster is not None:
-                self.cluster.close()
 
 
 @pytest.fixture(scope="module")
 def world():
-    if os.geteuid() != 0:
-        pytest.skip("lab namespaces need root")
-    lab = Lab()
-    w = World(lab)
-    try:
-        yield w.build()
-    finally:
-        try:
-            w.close()
-        finally:
-            lab.close()
+    yield from build_world(World)
 
 
 def key(reason: str, protocol: str, cls: str, direction: str, pod: str, namespace: str = NS,

@@ -13,17 +13,13 @@ the module (--identity-interval 0.5 s: a kubelet fault shows within one client t
 
 from __future__ import annotations
 
-import os
-import random
 import time
-from collections.abc import Callable
 
 import pytest
 
 from netwatchd.lab.cluster import LabCluster
-from netwatchd.lab.netns import Lab
 from netwatchd.lab.traffic import ping, send_udp
-from tests.support import RunningDaemon, start_netwatchd
+from tests.support import LabWorld, RunningDaemon, build_world, node_addresses, start_netwatchd, vip, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -32,26 +28,7 @@ DROPS = "netwatch_drops_total"
 ERRORS = "netwatch_identity_errors_total"
 UP = "netwatch_identity_up"
 
-# This run's addresses, random: the drops probe sees every netns of the kernel, so a concurrent lab using the same
-# pod addresses (another test file, or this one run twice at once) would be counted as this lab's pods.
-_A, _B = random.SystemRandom().randrange(200, 255), random.SystemRandom().randrange(0, 250, 2)
-
-
-def node_addresses(i: int) -> dict[str, str]:
-    """Pod CIDRs (v4, v6) and node IP of this run's node number i (0, 1)."""
-    return dict(pod_cidr=f"10.{_A}.{_B + i}.0/24", pod_cidr6=f"fd00:{_A:x}:{_B + i:x}::/64",
-                node_ip=f"192.168.{_A}.{_B + 1 + i}")
-
-
-def vip(host: int) -> str:
-    """A ClusterIP of this run (in LabCluster's service CIDR 10.96.0.0/12)."""
-    return f"10.96.{_B}.{host}"
-
-
-class World:
-    def __init__(self, lab: Lab) -> None:
-        self.lab, self.cluster, self.daemon = lab, None, None
-
+class World(LabWorld):
     def build(self) -> World:
         self.node = self.lab.add_node("n1", **node_addresses(0))
         self.a = self.node.add_pod("a", namespace=NS)
@@ -68,37 +45,11 @@ class World:
         self.port += 1
         return self.port
 
-    def close(self) -> None:
-        try:
-            if self.daemon is not None:
-                assert self.daemon.stop() == 0, "".join(self.daemon.stderr_lines)[-2000:]
-        finally:
-            if self.cluster is not None:
-                self.cluster.close()
 
 
 @pytest.fixture(scope="module")
 def world():
-    if os.geteuid() != 0:
-        pytest.skip("lab namespaces need root")
-    lab = Lab()
-    w = World(lab)
-    try:
-        yield w.build()
-    finally:
-        try:
-            w.close()
-        finally:
-            lab.close()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
+    yield from build_world(World)
 
 
 def errors(d: RunningDaemon, source: str) -> dict[str, float]:
