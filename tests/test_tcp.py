@@ -79,6 +79,10 @@ s = socket.create_connection((dst, port), timeout=20)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.recv(200)
 s.sendall(b"x"); s.recv(10)
+# ACK the echo now: a delayed ACK would ride on the data segment the test drops, and the server, its echo
+# unacknowledged, would then retransmit it (a real retransmit, but not one this test means to cause).
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+import time; time.sleep(0.05)
 print("ready", flush=True)
 sys.stdin.readline()
 s.sendall(b"y" * size)
