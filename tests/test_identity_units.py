@@ -783,8 +783,12 @@ def test_cluster_watcher_list_allowed_watch_forbidden() -> None:
             assert _wait(lambda: w.up["apiserver"])
             w.stop()
         health = [(e["event"], e.get("error", "")) for e in logs if e["event"] in ("apiserver_up", "apiserver_down")]
-        assert [h[0] for h in health] == ["apiserver_up", "apiserver_down", "apiserver_up"], health
-        assert "needs list and watch" in health[1][1]
+        # Up is only logged once BOTH Services and Nodes are healthy: whether the first lists both land before
+        # the first forbidden watch is timing; what matters is one down (with the reason), one recovery.
+        if health and health[0][0] == "apiserver_up":
+            health = health[1:]
+        assert [h[0] for h in health] == ["apiserver_down", "apiserver_up"], health
+        assert "needs list and watch" in health[0][1]
     finally:
         w.stop()
         api.shutdown()

@@ -16,7 +16,7 @@ import pytest
 
 from netwatchd.export.histogram import DEFAULT_BOUNDS_S, quantile
 from netwatchd.lab.traffic import UdpSink, ping, send_udp, start_tcp_server, tcp_request
-from tests.support import prog_ids_of, start_netwatchd
+from tests.support import prog_ids_of, start_netwatchd, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -394,12 +394,14 @@ def test_after_sigkill_a_restart_leaves_nothing_behind(node, mode):
     d = start_netwatchd(tc_args(node, "--tc-attach", mode), netns=node.netns)
     try:
         assert tc_filters(node, a.host_veth, "ingress").count("handle 0x4e57") == (mode == "clsact")
-        assert not first & loaded_programs(), "the killed run's programs are still loaded"
+        # programs are freed after an RCU grace period once their last filter is gone: poll briefly; a filter
+        # left behind would keep them loaded for good and fail this
+        assert wait_until(lambda: not first & loaded_programs(), timeout=5), "the killed run left programs"
     finally:
         second = prog_ids_of(d.proc.pid)
         assert d.stop() == 0
     assert "nw_tc" not in tc_filters(node, a.host_veth, "ingress") + tc_filters(node, a.host_veth, "egress")
-    assert not second & loaded_programs()
+    assert wait_until(lambda: not second & loaded_programs(), timeout=5)
 
 
 def test_pods_are_named_with_kubelet_identity(lab):
