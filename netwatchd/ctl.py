@@ -495,7 +495,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--window needs --prometheus (with one netwatchd the window is --interval)")
         if args.iterations < 0:
             parser.error("--iterations must be >= 0")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # `netwatchctl ... | head`: the reader went away; that is not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

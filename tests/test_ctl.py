@@ -1039,3 +1039,13 @@ def test_real_top_through_prometheus(env):
     assert doc["source"] == "prometheus" and doc["window_seconds"] == 5
     assert row["node"] == promlab.NODE_LABEL and row["namespace"] == "shop" and row["pod"] == "web"
     assert 3 <= row["drops_per_second"] <= 12 and row["drops_total"] > 0
+
+
+def test_closed_pipe_is_not_a_traceback():
+    """`netwatchctl metrics | head -1`: the reader leaves early; no traceback, exit 0."""
+    import subprocess
+    import sys
+
+    res = subprocess.run(f"{sys.executable} -m netwatchd.ctl metrics | head -1", shell=True, capture_output=True,
+                         text=True, timeout=60)
+    assert res.stdout.startswith("METRIC") and "Traceback" not in res.stderr, res.stderr
