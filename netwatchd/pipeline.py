@@ -64,6 +64,23 @@ class SeriesBudget:
         return folded_t
 
 
+def forget_pod_series(stores, budgets, namespace: str, pod: str, ns_index: int = _NS,
+                      pod_index: int = _POD) -> int:
+    """Remove every label set of a gone pod from `stores` (dicts keyed by label tuples) and from the series
+    `budgets` (so its slots are free again); returns how many distinct label sets went."""
+    def gone(labels: tuple[str, ...]) -> bool:
+        return labels[ns_index] == namespace and labels[pod_index] == pod
+
+    removed: set[tuple[str, ...]] = set()
+    for store in stores:
+        for k in [k for k in store if gone(k)]:
+            del store[k]
+            removed.add(k)
+    for budget in budgets:
+        budget.seen = {k for k in budget.seen if not gone(k)}
+    return len(removed)
+
+
 class DropAccounting:
     """Cumulative drop counters per label set, fed from the drops probe's map."""
 
@@ -196,15 +213,11 @@ class DropAccounting:
     def forget_pod(self, namespace: str, pod: str) -> int:
         """Drop every series of a pod that went away (after the grace period); returns how many."""
         with self.lock:
-            gone = [k for k in self.packets if k[_NS] == namespace and k[_POD] == pod]
-            for k in gone:
-                self.packets.pop(k, None)
-                self.bytes.pop(k, None)
-                self.budget.seen.discard(k)
+            removed = forget_pod_series((self.packets, self.bytes), (self.budget,), namespace, pod)
             # cached label sets of keys that still point at the gone pod must be recomputed
             self._label_cache = {raw: lab for raw, lab in self._label_cache.items()
                                  if not (lab[_NS] == namespace and lab[_POD] == pod)}
-            return len(gone)
+            return removed
 
     def series(self) -> int:
         with self.lock:

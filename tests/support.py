@@ -187,11 +187,17 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0, step: float = 0.
 class LabWorld:
     """A lab with a LabCluster and a netwatchd, built once per test module (subclasses define build())."""
 
+    port = 9200  # first port next_port() hands out (a test's closed ports, so drops are its own)
+
     def __init__(self, lab) -> None:
         self.lab, self.cluster, self.daemon = lab, None, None
 
     def build(self) -> LabWorld:
         raise NotImplementedError
+
+    def next_port(self) -> int:
+        self.port += 1
+        return self.port
 
     def close(self) -> None:
         try:

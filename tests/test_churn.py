@@ -47,9 +47,6 @@ class World(LabWorld):
         self.port = 9300
         return self
 
-    def next_port(self) -> int:
-        self.port += 1
-        return self.port
 
 
 

@@ -38,12 +38,8 @@ class World(LabWorld):
                                       + ["--identity-interval", "0.5", "--probes", "drops"], netns=self.node.netns)
         assert wait_until(lambda: self.daemon.value(UP, source="apiserver") == 1
                           and self.daemon.value(UP, source="kubelet") == 1), self.daemon.samples(UP)
-        self.port = 9200
         return self
 
-    def next_port(self) -> int:
-        self.port += 1
-        return self.port
 
 
 

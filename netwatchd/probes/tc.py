@@ -43,7 +43,7 @@ from netwatchd.classify import (
 from netwatchd.export.histogram import DEFAULT_BOUNDS_S, HistogramAccounting, bpf_defines
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
 from netwatchd.identity.local import NODE, PodRef
-from netwatchd.pipeline import SeriesBudget
+from netwatchd.pipeline import SeriesBudget, forget_pod_series
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
 from netwatchd.probes.loader import compile_program
 from netwatchd.probes.tcattach import (
@@ -307,12 +307,7 @@ class TcAccounting:
 
     def forget_pod(self, namespace: str, pod: str) -> int:
         with self.lock:
-            gone = [k for k in self.packets if k[_NS] == namespace and k[_POD] == pod]
-            for k in gone:
-                self.packets.pop(k, None)
-                self.bytes.pop(k, None)
-                self.budget.seen.discard(k)
-            return len(gone)
+            return forget_pod_series((self.packets, self.bytes), (self.budget,), namespace, pod, _NS, _POD)
 
     def snapshot(self) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
         with self.lock:

@@ -26,7 +26,7 @@ from pathlib import Path
 from netwatchd.classify import IPAddress
 from netwatchd.export.histogram import DEFAULT_BOUNDS_S, HistogramAccounting, bpf_defines
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
-from netwatchd.pipeline import SOCKET_LABELS, SeriesBudget, socket_labels
+from netwatchd.pipeline import SOCKET_LABELS, SeriesBudget, forget_pod_series, socket_labels
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
 from netwatchd.probes.loader import compile_program
 
@@ -190,13 +190,8 @@ class TcpAccounting:
 
         removed = self.connect.forget_labels(gone) + self.rtt.forget_labels(gone)
         with self.lock:
-            for store in (self.failures, self.retransmits):
-                for k in [k for k in store if gone(k)]:
-                    del store[k]
-                    removed += 1
-        for budget in self.budgets.values():
-            budget.seen = {k for k in budget.seen if not gone(k)}
-        return removed
+            return removed + forget_pod_series((self.failures, self.retransmits), self.budgets.values(),
+                                               namespace, pod, _NS, _POD)
 
     def families(self) -> list:
         out = [self.connect.family(TCP_CONNECT.name, TCP_CONNECT.help, TCP_CONNECT.labels)]
