@@ -10,15 +10,16 @@ import collections
 import contextlib
 import ipaddress
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
 
 from netwatchd.classify import IPAddress
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
-from netwatchd.kernel import dropreasons
+from netwatchd.kernel import dropreasons, ksyms
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
-from netwatchd.probes.loader import compile_program
+from netwatchd.probes.loader import compile_program, hook_programs
 
 DEFAULT_MAX_ENTRIES = 16384
 L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
@@ -32,6 +33,7 @@ DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", 
 DROPS = MetricSpec("netwatch_drops", "counter",
                    "Packets dropped by the kernel, by kernel drop reason and traffic class of the local side.",
                    DROP_LABELS)
+DROP_VAL = struct.Struct("=QQ")  # struct drop_val in bpf/drops.c: packets, bytes
 DROPPED_BYTES = MetricSpec("netwatch_dropped_bytes", "counter",
                            "Bytes of the packets counted in netwatch_drops_total.", DROP_LABELS)
 
@@ -55,6 +57,14 @@ class DropRecord:
     ct_reply: bool = False
 
 
+@dataclass(frozen=True)
+class _Counts:
+    """A drop_val decoded from raw bytes (what `decode` reads from a value)."""
+
+    packets: int
+    bytes: int
+
+
 def decode_addr(raw: bytes, family: int) -> IPAddress | None:
     """The kernel stores v4 in the first 4 of 16 bytes, v6 in all 16; family 0 means no IP header."""
     if family == 4:
@@ -75,7 +85,7 @@ class DropsProbe:
     """See module docstring."""
 
     name = "drops"
-    hooks = (Hook("tracepoint", "skb:kfree_skb"),)
+    hooks = (Hook("tracepoint", "skb:kfree_skb", "tracepoint__skb__kfree_skb"),)
     metrics = (DROPS, DROPPED_BYTES)
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ignore_reasons: tuple[str, ...] = ()) -> None:
@@ -107,6 +117,7 @@ class DropsProbe:
         self._bpf = compile_program(
             "drops.c", ctx.btf,
             {"DROPS_MAX_ENTRIES": self.max_entries, "REASON_CONSUMED": consumed, "MAX_REASONS": max_reasons},
+            hook_programs(self.hooks), ctx.tracefs,
         )
         ignored = self._bpf["ignored_reasons"]
         for name in self.ignore_reasons:
@@ -121,19 +132,22 @@ class DropsProbe:
             return
         if self.tail is not None:
             self.tail.expire()
-        # Decode only entries that grew since the last read: at 10k keys, decoding is most of the cost.
-        items = self._items()
+        # Decode only entries that grew since the last read, and only when their labels are not cached: at 10k
+        # keys, building ctypes objects per entry would be most of the cost, so this works on the raw bytes.
+        keys, values, n = self._items_raw()
+        ks = self._bpf["drops"].key_size
+        seen = self.accounting.seen_packets
         changed, idle = [], []
-        for k, v in items:
-            raw = bytes(k)
-            if self.accounting.seen_packets(raw) == v.packets:
+        for i, (packets, nbytes) in enumerate(DROP_VAL.iter_unpack(values)):
+            raw = keys[i * ks:(i + 1) * ks]
+            if seen(raw) == packets:
                 idle.append(raw)
             else:
-                changed.append((raw, v.packets, v.bytes, lambda k=k, v=v: self.decode(k, v)))
+                changed.append((raw, packets, nbytes, lambda raw=raw, p=packets, b=nbytes: self.decode_raw(raw, p, b)))
         self.accounting.update_raw(changed, idle=idle)
-        self.stats.entries = len(items)
+        self.stats.entries = n
         self.stats.overflow = self.overflow()
-        if len(items) >= EVICT_AT * self.max_entries:
+        if n >= EVICT_AT * self.max_entries:
             idle = self.accounting.idle_keys()
             self.evict(idle)
             self.accounting.forget(idle)
@@ -168,14 +182,13 @@ class DropsProbe:
     def attached(self) -> bool:
         return self._bpf is not None
 
-    def _items(self) -> list:
-        """(key, value) of every map entry: one batched syscall when the kernel allows (BCC sizes the batch
-        to max_entries, so one call returns the whole map), else BCC's per-key iteration."""
-        table = self._bpf["drops"]
-        try:
-            return list(table.items_lookup_batch())
-        except Exception:  # noqa: BLE001 - old kernels without batch ops
-            return list(table.items())
+    def _items_raw(self) -> tuple[bytes, bytes, int]:
+        """Every map entry as (concatenated raw keys, concatenated raw values, count): batched lookups in chunks
+        where the kernel has them (kernel.maps), key by key otherwise."""
+        return self._bpf["drops"].items_raw()
+
+    def decode_raw(self, raw: bytes, packets: int, nbytes: int) -> DropRecord:
+        return self.decode(self._bpf["drops"].Key.from_buffer_copy(raw), _Counts(packets, nbytes))
 
     @staticmethod
     def decode(k, v) -> DropRecord:
@@ -198,7 +211,7 @@ class DropsProbe:
         """All entries of the kernel map, decoded."""
         if self._bpf is None:
             return []
-        return [self.decode(k, v) for k, v in self._items()]
+        return [self.decode(k, v) for k, v in self._bpf["drops"].items()]
 
     def overflow(self) -> int:
         """Drops not counted per key because the map was full (cumulative)."""
@@ -250,15 +263,10 @@ class DropTail:
                          orig_dst=decode_addr(bytes(ev.ct_daddr), ev.family) if ev.ct_flags & CT_NATTED else None,
                          orig_dport=socket.ntohs(ev.ct_dport), ct_reply=bool(ev.ct_flags & CT_REPLY))
         labels = dict(zip(DROP_LABELS, self.accounting.labels_for(rec), strict=True))
-        try:
-            from bcc import BPF
-
-            location = BPF.ksym(ev.location, show_offset=True).decode()
-        except Exception:  # noqa: BLE001 - symbolisation is best effort
-            location = hex(ev.location)
         doc = {
             **labels,
-            "time": time.time(), "ktime_ns": ev.ts_ns, "location": location,
+            # the kernel address for now: follow() names the call sites of what it returns (kernel.ksyms)
+            "time": time.time(), "ktime_ns": ev.ts_ns, "location": int(ev.location),
             "src": str(rec.src) if rec.src else "", "dst": str(rec.dst) if rec.dst else "",
             "sport": socket.ntohs(ev.sport), "dport": socket.ntohs(ev.dport),
             "service_vip": str(rec.orig_dst) if rec.orig_dst else "",
@@ -284,6 +292,12 @@ class DropTail:
         with self._lock:
             events = [e for e in self.events if e["seq"] > since]
             seq = self.seq
+        addrs = {e["location"] for e in events if isinstance(e["location"], int)}
+        if addrs:
+            names = ksyms.resolve(addrs)
+            for e in events:
+                if isinstance(e["location"], int):
+                    e["location"] = names[e["location"]]
         return {"seq": seq, "rate_limit": rate, "suppressed": int(self._bpf["tail_state"][0].suppressed),
                 "events": events}
 

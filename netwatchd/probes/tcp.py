@@ -28,7 +28,7 @@ from netwatchd.export.histogram import DEFAULT_BOUNDS_S, HistogramAccounting, bp
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
 from netwatchd.pipeline import SOCKET_LABELS, SeriesBudget, forget_pod_series, socket_labels
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
-from netwatchd.probes.loader import compile_program
+from netwatchd.probes.loader import compile_program, hook_programs
 
 DEFAULT_MAX_ENTRIES = 16384  # each aggregation map (keys: pods x peers, not connections)
 DEFAULT_SOCKET_ENTRIES = 65536  # per-socket LRU (connect start time, role, last RTT sample)
@@ -218,10 +218,10 @@ class TcpProbe:
 
     name = "tcp"
     hooks = (
-        Hook("tracepoint", "sock:inet_sock_set_state"),
-        Hook("tracepoint", "tcp:tcp_receive_reset"),
-        Hook("tracepoint", "tcp:tcp_probe"),
-        Hook("tracepoint", "tcp:tcp_retransmit_skb"),
+        Hook("tracepoint", "sock:inet_sock_set_state", "tracepoint__sock__inet_sock_set_state"),
+        Hook("tracepoint", "tcp:tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset"),
+        Hook("tracepoint", "tcp:tcp_probe", "tracepoint__tcp__tcp_probe"),
+        Hook("tracepoint", "tcp:tcp_retransmit_skb", "tracepoint__tcp__tcp_retransmit_skb"),
     )
     metrics = (TCP_CONNECT, TCP_CONNECT_FAILURES, TCP_RTT, TCP_RETRANSMITS)
 
@@ -262,7 +262,7 @@ class TcpProbe:
         }
         if "err" in tracepoint_fields(ctx.tracefs, "tcp:tcp_retransmit_skb"):
             defines["TCP_RETRANSMIT_HAS_ERR"] = 1  # 6.10+: skip retransmits that were not sent
-        self._bpf = compile_program("tcp.c", ctx.btf, defines)
+        self._bpf = compile_program("tcp.c", ctx.btf, defines, hook_programs(self.hooks), ctx.tracefs)
         self._check_layout()
         view, resolver, host_netns = ctx.view, ctx.resolver, ctx.host_netns
 
@@ -334,7 +334,7 @@ class TcpProbe:
             del self._decoded[raw]
         if self.clock() - self._counted_sockets_at >= SOCKET_COUNT_EVERY_S:
             self._counted_sockets_at = self.clock()
-            self.stats[SOCKET_MAP].entries = sum(1 for _ in self._bpf[SOCKET_MAP])
+            self.stats[SOCKET_MAP].entries = len(self._bpf[SOCKET_MAP])
 
     def evict(self, name: str, raws: list[bytes]) -> int:
         """Delete idle entries of map `name` so it has room; the accounting keeps their totals. Returns count."""
