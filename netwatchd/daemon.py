@@ -34,6 +34,7 @@ from netwatchd.probes import loader, registry
 from netwatchd.probes.base import ProbeContext
 
 HOST_ADDRESSES_EVERY_S = 5.0  # how often the node's own addresses are re-read
+CATCH_UP_EVERY_S = 0.02  # pause between steps of labelling a burst of new keys (scrapes get the lock in between)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Daemon:
         self.state.probes = self.probes
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.wake = threading.Event()  # set by stop and by a read that left new keys unlabelled
         self._last_refresh = 0.0
         self._hosts_read_at = time.monotonic()
         self._fentry_done = False
@@ -247,6 +249,42 @@ class Daemon:
             for probe in self.probes:
                 if probe.name not in self.state.probe_errors:
                     probe.refresh()
+        if self.backlog():
+            self.wake.set()
+
+    def refresh_loop(self) -> None:
+        """A full read every --interval; in between, while a probe has new keys left unlabelled by a read's
+        time budget (a burst of thousands of new flows), label them in short steps and read again when done,
+        so the next scrape is both short and complete."""
+        next_read = time.monotonic() + self.args.interval
+        while not self.stop.is_set():
+            backlog = self.backlog()
+            wait = next_read - time.monotonic()
+            self.wake.wait(max(0.0, min(wait, CATCH_UP_EVERY_S) if backlog else wait))
+            self.wake.clear()
+            if self.stop.is_set():
+                return
+            try:
+                if time.monotonic() >= next_read:
+                    next_read = time.monotonic() + self.args.interval
+                    self.refresh_host_addresses()
+                    self.refresh()
+                elif backlog:
+                    self.catch_up()
+            except Exception:  # noqa: BLE001 - log and keep counting; next interval retries
+                self.log.exception("refresh_failed")
+
+    def backlog(self) -> bool:
+        return any(getattr(p, "pending", 0) for p in self.probes if p.name not in self.state.probe_errors)
+
+    def catch_up(self) -> None:
+        """One budgeted step of labelling new keys; a full read once none are left."""
+        with self.lock:
+            for probe in self.probes:
+                if probe.name not in self.state.probe_errors and getattr(probe, "pending", 0):
+                    probe.catch_up()
+        if not self.backlog():
+            self.refresh()
 
     def refresh_host_addresses(self) -> None:
         """The node's own addresses change (an uplink configured late, a VIP on the node): re-read them."""
@@ -288,12 +326,7 @@ class Daemon:
             host, port = server.address
             self.log.info("serving", listen=f"{host}:{port}", probes=[p.name for p in self.probes],
                           identity=self.state.identity_source)
-            while not self.stop.wait(self.args.interval):
-                try:
-                    self.refresh_host_addresses()
-                    self.refresh()
-                except Exception:  # noqa: BLE001 - log and keep counting; next interval retries
-                    self.log.exception("refresh_failed")
+            self.refresh_loop()
         finally:
             server.close()
             if self.identity:
@@ -344,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         log.info("stopping", signal=signal.Signals(signum).name)
         daemon.stop.set()
+        daemon.wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

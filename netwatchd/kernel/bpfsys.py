@@ -75,6 +75,7 @@ def _load() -> ctypes.CDLL:
         "bpf_map_delete_elem": (i, [i, vp]),
         "bpf_map_get_next_key": (i, [i, vp, vp]),
         "bpf_map_lookup_batch": (i, [i, vp, vp, vp, vp, u32p, vp]),
+        "bpf_map_delete_batch": (i, [i, vp, u32p, vp]),
         "bpf_obj_get_info_by_fd": (i, [i, vp, u32p]),
         "bpf_raw_tracepoint_open": (i, [ctypes.c_char_p, i]),
         "libbpf_num_possible_cpus": (i, []),
@@ -148,7 +149,45 @@ def next_key(fd: int, key, out) -> bool:
     return True
 
 
-def lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> tuple[bytes, bytes, int]:
+def delete_batch(fd: int, keys: bytes, key_size: int) -> int:
+    """Delete many keys (concatenated) in as few BPF_MAP_DELETE_BATCH calls as possible; a key already gone
+    stops a call where it is (-ENOENT): skip it and go on. Returns how many were deleted."""
+    lb = lib()
+    n, done, deleted = len(keys) // key_size, 0, 0
+    buf = ctypes.create_string_buffer(keys, len(keys))
+    base = ctypes.addressof(buf)
+    count = ctypes.c_uint32()
+    while done < n:
+        count.value = n - done
+        ret = lb.bpf_map_delete_batch(fd, base + done * key_size, ctypes.byref(count), None)
+        err = 0 if ret >= 0 else (-ret if ret < -1 else ctypes.get_errno())
+        deleted += count.value
+        done += count.value
+        if err == errno.ENOENT:
+            done += 1  # the key at `done` was not there
+        elif err:
+            raise BpfError(err, f"delete_batch in map fd {fd}: {os.strerror(err)}")
+    return deleted
+
+
+class BatchBuffers:
+    """Scratch buffers for lookup_batch, kept by the caller between reads (no allocation and zeroing of a few
+    hundred KiB on every read of a big map)."""
+
+    def __init__(self) -> None:
+        self.keys: ctypes.Array | None = None
+        self.values: ctypes.Array | None = None
+
+    def get(self, key_bytes: int, value_bytes: int) -> tuple[ctypes.Array, ctypes.Array]:
+        if self.keys is None or len(self.keys) < key_bytes:
+            self.keys = ctypes.create_string_buffer(key_bytes)
+        if self.values is None or len(self.values) < value_bytes:
+            self.values = ctypes.create_string_buffer(value_bytes)
+        return self.keys, self.values
+
+
+def lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 4096,
+                 scratch: BatchBuffers | None = None) -> tuple[bytes, bytes, int]:
     """Every (key, value) of a map through BPF_MAP_LOOKUP_BATCH, `chunk` entries per call.
 
     Returns (concatenated keys, concatenated values, count). `value_size` is the size of one element's value
@@ -160,12 +199,14 @@ def lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> 
     lb = lib()
     tok_size = max(key_size, 8)
     tokens = (ctypes.create_string_buffer(tok_size), ctypes.create_string_buffer(tok_size))
-    keys, values = bytearray(), bytearray()
+    key_parts: list[bytes] = []
+    value_parts: list[bytes] = []
     total, first = 0, True
+    scratch = scratch or BatchBuffers()
+    count = ctypes.c_uint32()
     while True:
-        kbuf = ctypes.create_string_buffer(chunk * key_size)
-        vbuf = ctypes.create_string_buffer(chunk * value_size)
-        count = ctypes.c_uint32(chunk)
+        kbuf, vbuf = scratch.get(chunk * key_size, chunk * value_size)
+        count.value = chunk
         in_batch = None if first else tokens[0]
         ret = lb.bpf_map_lookup_batch(fd, in_batch, tokens[1], kbuf, vbuf, ctypes.byref(count), None)
         err = 0 if ret >= 0 else (-ret if ret < -1 else ctypes.get_errno())
@@ -175,11 +216,14 @@ def lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> 
                 continue
             raise BpfError(err, f"lookup_batch of map fd {fd}: {os.strerror(err)}")
         n = count.value
-        keys += kbuf.raw[:n * key_size]
-        values += vbuf.raw[:n * value_size]
+        if n:  # copy out only what the kernel wrote
+            key_parts.append(ctypes.string_at(kbuf, n * key_size))
+            value_parts.append(ctypes.string_at(vbuf, n * value_size))
         total += n
         if err == errno.ENOENT:
-            return bytes(keys), bytes(values), total
+            if len(key_parts) == 1:
+                return key_parts[0], value_parts[0], total
+            return b"".join(key_parts), b"".join(value_parts), total
         tokens = (tokens[1], tokens[0])
         first = False
 

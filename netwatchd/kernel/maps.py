@@ -33,6 +33,8 @@ class Map:
         self.ncpus = bpfsys.possible_cpus() if self.percpu else 1
         self.stride = bpfsys.percpu_stride(self.value_size) if self.percpu else self.value_size
         self._batch = info.type in bpfsys.BATCH_TYPES
+        self._scratch = bpfsys.BatchBuffers()
+        self._last_count = 0
         for what, t, size in (("key", key_type, self.key_size), ("value", leaf_type, self.value_size)):
             if t is not None and size and ctypes.sizeof(t) != size:
                 raise ValueError(f"map {name}: {what} type is {ctypes.sizeof(t)} bytes, the kernel says {size}")
@@ -100,6 +102,19 @@ class Map:
         if not bpfsys.delete(self.fd, self._key_buf(key)):
             raise KeyError(key)
 
+    def delete_many(self, raw_keys: list[bytes]) -> int:
+        """Delete raw keys (absent ones are skipped) with batched deletes where the map type has them;
+        returns how many were deleted."""
+        if not raw_keys or self.is_array:
+            return 0
+        if self._batch:
+            try:
+                return bpfsys.delete_batch(self.fd, b"".join(raw_keys), self.key_size)
+            except bpfsys.BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        return sum(bpfsys.delete(self.fd, self._key_buf(raw)) for raw in raw_keys)
+
     def clearitem(self, key) -> None:
         """Zero one element (every CPU's slot for per-CPU maps)."""
         size = self.stride * self.ncpus
@@ -129,7 +144,11 @@ class Map:
         vsize = self.stride * self.ncpus
         if self._batch:
             try:
-                return bpfsys.lookup_batch(self.fd, self.key_size, vsize, BATCH_CHUNK)
+                # Chunks sized to what the map held last time: a mostly empty map keeps small buffers.
+                chunk = max(1, min(BATCH_CHUNK, self.max_entries, 64 + self._last_count + self._last_count // 4))
+                out = bpfsys.lookup_batch(self.fd, self.key_size, vsize, chunk, self._scratch)
+                self._last_count = out[2]
+                return out
             except bpfsys.BpfError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise

@@ -7,10 +7,9 @@ This side reads the map, decodes the raw keys, and evicts idle entries when the 
 from __future__ import annotations
 
 import collections
-import contextlib
+import ctypes
 import ipaddress
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", 
 DROPS = MetricSpec("netwatch_drops", "counter",
                    "Packets dropped by the kernel, by kernel drop reason and traffic class of the local side.",
                    DROP_LABELS)
-DROP_VAL = struct.Struct("=QQ")  # struct drop_val in bpf/drops.c: packets, bytes
 DROPPED_BYTES = MetricSpec("netwatch_dropped_bytes", "counter",
                            "Bytes of the packets counted in netwatch_drops_total.", DROP_LABELS)
 
@@ -119,6 +117,7 @@ class DropsProbe:
             {"DROPS_MAX_ENTRIES": self.max_entries, "REASON_CONSUMED": consumed, "MAX_REASONS": max_reasons},
             hook_programs(self.hooks), ctx.tracefs,
         )
+        self._check_value_layout()
         ignored = self._bpf["ignored_reasons"]
         for name in self.ignore_reasons:
             ignored[ignored.Key(self.reasons.number(name))] = ignored.Leaf(1)
@@ -132,19 +131,10 @@ class DropsProbe:
             return
         if self.tail is not None:
             self.tail.expire()
-        # Decode only entries that grew since the last read, and only when their labels are not cached: at 10k
-        # keys, building ctypes objects per entry would be most of the cost, so this works on the raw bytes.
+        # The accounting works on the raw batch buffers (no object per entry) and labels new keys within a time
+        # budget, so a read of 10k keys stays short (pipeline.DropAccounting.update_table).
         keys, values, n = self._items_raw()
-        ks = self._bpf["drops"].key_size
-        seen = self.accounting.seen_packets
-        changed, idle = [], []
-        for i, (packets, nbytes) in enumerate(DROP_VAL.iter_unpack(values)):
-            raw = keys[i * ks:(i + 1) * ks]
-            if seen(raw) == packets:
-                idle.append(raw)
-            else:
-                changed.append((raw, packets, nbytes, lambda raw=raw, p=packets, b=nbytes: self.decode_raw(raw, p, b)))
-        self.accounting.update_raw(changed, idle=idle)
+        self.accounting.update_table(keys, values, self._bpf["drops"].key_size, self.decode_key)
         self.stats.entries = n
         self.stats.overflow = self.overflow()
         if n >= EVICT_AT * self.max_entries:
@@ -182,13 +172,30 @@ class DropsProbe:
     def attached(self) -> bool:
         return self._bpf is not None
 
+    def _check_value_layout(self) -> None:
+        """refresh() reads values as two u64 (packets, bytes): fail at load if bpf/drops.c says otherwise."""
+        leaf = self._bpf["drops"].Leaf
+        if ctypes.sizeof(leaf) != 16 or (leaf.packets.offset, leaf.bytes.offset) != (0, 8):
+            self.detach()
+            raise RuntimeError("bpf/drops.c struct drop_val is not {u64 packets; u64 bytes;} as drops.py reads it")
+
     def _items_raw(self) -> tuple[bytes, bytes, int]:
         """Every map entry as (concatenated raw keys, concatenated raw values, count): batched lookups in chunks
         where the kernel has them (kernel.maps), key by key otherwise."""
         return self._bpf["drops"].items_raw()
 
-    def decode_raw(self, raw: bytes, packets: int, nbytes: int) -> DropRecord:
-        return self.decode(self._bpf["drops"].Key.from_buffer_copy(raw), _Counts(packets, nbytes))
+    def decode_key(self, raw: bytes) -> DropRecord:
+        """The record of a raw key (counts 0: labels depend on the key only)."""
+        return self.decode(self._bpf["drops"].Key.from_buffer_copy(raw), _Counts(0, 0))
+
+    @property
+    def pending(self) -> int:
+        """New keys whose labels are not computed yet (they are counted once they are)."""
+        return self.accounting.pending if self.accounting is not None else 0
+
+    def catch_up(self) -> None:
+        if self.accounting is not None:
+            self.accounting.catch_up()
 
     @staticmethod
     def decode(k, v) -> DropRecord:
@@ -223,10 +230,7 @@ class DropsProbe:
         """Delete entries (by raw key) so the map has room; the pipeline keeps their totals."""
         if self._bpf is None:
             return
-        table = self._bpf["drops"]
-        for raw in keys:
-            with contextlib.suppress(KeyError):
-                del table[table.Key.from_buffer_copy(raw)]
+        self._bpf["drops"].delete_many(keys)  # batched: evicting thousands of keys is one syscall or a few
 
 
 class DropTail:
