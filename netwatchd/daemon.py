@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,33 +143,63 @@ class Daemon:
         self._last_refresh = 0.0
         self._hosts_read_at = time.monotonic()
         self._fentry_done = False
+        self._identity_error: BaseException | None = None
 
-    def start_identity(self) -> None:
-        """Use the kubelet (and the apiserver) when configured; standalone otherwise."""
+    def start_identity(self) -> threading.Thread | None:
+        """Use the kubelet (and the apiserver) when configured; standalone otherwise. The first lists (kubelet
+        pods and their network namespaces, apiserver Services and Nodes) take a while with many pods: they run
+        on the returned thread, alongside the probes' compiles; join it before serving."""
         a = self.args
-        api_client = None
-        if not a.no_apiserver and (a.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
-            from netwatchd.identity.apiserver import load_api_client
+        wants_api = not a.no_apiserver and (a.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST"))
+        node_name = a.node_name or default_node_name()
+        if not a.kubelet_url:
+            # Only the apiserver: whether there is any identity at all depends on its client, so decide now.
+            api_client = self._api_client() if wants_api else None
+            if api_client is None:
+                return None
+            self._make_identity(None)
+            return self._in_thread(lambda: self.identity.start(api_client, node_name))
+        self._make_identity(KubeletClient(a.kubelet_url, token_file=a.kubelet_token_file,
+                                          ca_file=None if a.kubelet_insecure else a.kubelet_ca_file,
+                                          insecure=a.kubelet_insecure, timeout=a.kubelet_timeout))
+        return self._in_thread(lambda: self.identity.start(self._api_client() if wants_api else None, node_name))
 
-            try:
-                api_client = load_api_client(a.kubeconfig)
-            except IdentityError as exc:
-                self.log.warning("apiserver_unavailable", error=str(exc), fallback="--pod-cidr/--cluster-cidr/"
-                                 "--service-cidr flags")
-        if not a.kubelet_url and api_client is None:
-            return
-        kubelet = None
-        if a.kubelet_url:
-            kubelet = KubeletClient(a.kubelet_url, token_file=a.kubelet_token_file,
-                                    ca_file=None if a.kubelet_insecure else a.kubelet_ca_file,
-                                    insecure=a.kubelet_insecure, timeout=a.kubelet_timeout)
+    def _api_client(self):
+        from netwatchd.identity.apiserver import load_api_client
+
+        try:
+            return load_api_client(self.args.kubeconfig)
+        except IdentityError as exc:
+            self.log.warning("apiserver_unavailable", error=str(exc), fallback="--pod-cidr/--cluster-cidr/"
+                             "--service-cidr flags")
+            return None
+
+    def _make_identity(self, kubelet: KubeletClient | None) -> None:
+        a = self.args
         resolver = KubeResolver(own_netns_inode())
         self.resolver = resolver
         self.state.identity_source = "kubernetes"
         self.identity = IdentityManager(resolver, self.view, kubelet, interval=a.identity_interval,
                                         grace=a.pod_series_grace, on_pod_gone=self._pod_gone)
         self.state.identity = self.identity
-        self.identity.start(api_client, a.node_name or default_node_name())
+
+    def _in_thread(self, fn: Callable[[], object]) -> threading.Thread:
+        """Run fn on a thread; an exception it raises is re-raised by `join_identity`."""
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+                self._identity_error = exc
+
+        t = threading.Thread(target=run, name="identity-start", daemon=True)
+        t.start()
+        return t
+
+    def join_identity(self, thread: threading.Thread | None) -> None:
+        if thread is not None:
+            thread.join()
+        if self._identity_error is not None:
+            raise self._identity_error
 
     def _pod_gone(self, namespace: str, name: str) -> None:
         with self.lock:
@@ -317,8 +348,9 @@ class Daemon:
             if self.stats_fd is None:
                 self.log.warning("bpf_stats_unavailable", detail="BPF_ENABLE_STATS refused; no per-program cost")
         try:
-            self.start_identity()
+            identity = self.start_identity()
             self.attach_probes()
+            self.join_identity(identity)
             self.release_start_up_memory()
             server.start()
             self.state.ready = True
