@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 mem = measure.process_memory_kib(d.proc.pid)
                 res["rss_keys_mib"] = round(mem["VmRSS"] / 1024, 1)
                 res["hwm_mib"] = round(mem["VmHWM"] / 1024, 1)
-                entries = [ln for ln in d.metrics().splitlines() if ln.startswith('netwatch_bpf_map_entries{map="drops"')]
+                entries = [ln for ln in d.metrics().splitlines()
+                           if ln.startswith('netwatch_bpf_map_entries{map="drops"')]
                 res["drop_keys"] = int(float(entries[0].split()[-1])) if entries else 0
                 res["llvm_mapped"] = llvm_mapped(d.proc.pid)
                 log(f"RSS at {res['drop_keys']} keys: {res['rss_keys_mib']} MiB; llvm mapped: {res['llvm_mapped']}")

@@ -49,6 +49,18 @@ def describe(ctype: type | None) -> Layout | None:
     raise TypeError(f"cannot describe ctypes type {ctype!r}")
 
 
+def with_tail(layout: Layout | None, size: int) -> Layout | None:
+    """`layout` made `size` bytes long when BCC left out the tail padding after trailing bitfields (BCC 0.26
+    computes padding from member offsets and misses the storage of a struct's last bitfield unit). Anything
+    else that does not match the compiler's size is left as it is: the daemon then refuses the map."""
+    if layout is None or "struct" not in layout or not layout["struct"] or len(layout["struct"][-1]) < 3:
+        return layout
+    have = ctypes.sizeof(build(layout))  # type: ignore[arg-type]
+    if have >= size:
+        return layout
+    return {**layout, "struct": [*layout["struct"], ["__pad_tail", {"a": {"s": "c"}, "n": size - have}]]}
+
+
 def build(layout: Layout | None) -> type | None:
     """A ctypes type with the layout `describe()` produced."""
     if layout is None:

@@ -50,13 +50,26 @@ def captured_stderr():
             log[0] = tmp.read().decode(errors="replace")[-LOG_TAIL:]
 
 
-def _table_names(bpf) -> list[str]:
+def _libbcc():
+    """libbcc with the few table functions BCC's Python module does not declare."""
     from bcc.libbcc import lib
 
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_ulonglong, [ctypes.c_void_p]
     lib.bpf_table_name.restype = ctypes.c_char_p
     lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    for fn in (lib.bpf_table_key_size, lib.bpf_table_leaf_size):
+        fn.restype, fn.argtypes = ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_char_p]
+    return lib
+
+
+def _table_names(bpf) -> list[str]:
+    lib = _libbcc()
     return [lib.bpf_table_name(bpf.module, i).decode() for i in range(lib.bpf_num_tables(bpf.module))]
+
+
+def _layout(ctype, size: int):
+    """ctlayout description of a BCC table type, given the compiler's own size of the C type."""
+    return ctlayout.with_tail(ctlayout.describe(ctype), size)
 
 
 def _event_layout(table):
@@ -92,10 +105,13 @@ def compile_job(req: dict) -> tuple[dict, list[int], object]:
     if err is not None:
         return {"ok": False, "error": " ".join(str(err).split()) or type(err).__name__, "log": log[0]}, [], None
     maps, fds = [], []
+    lib = _libbcc()
     for name in _table_names(bpf):
         table = bpf[name]
         leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: BCC's Leaf is an array of the element
-        maps.append({"name": name, "key": ctlayout.describe(table.Key), "leaf": ctlayout.describe(leaf),
+        key_size = lib.bpf_table_key_size(bpf.module, name.encode())
+        leaf_size = lib.bpf_table_leaf_size(bpf.module, name.encode())
+        maps.append({"name": name, "key": _layout(table.Key, key_size), "leaf": _layout(leaf, leaf_size),
                      "event": _event_layout(table) if table.ttype == 27 else None})  # 27: BPF_MAP_TYPE_RINGBUF
         fds.append(table.map_fd)
     fds += [fn.fd for _name, _kind, fn in progs]

@@ -91,6 +91,12 @@ def offset_cflags(btf) -> list[str]:
     return flags
 
 
+def build_cflags(btf, defines: Mapping[str, int | str] | None = None) -> list[str]:
+    """Compiler flags for any of our sources: netwatch.h's directory, the BTF offsets, then `defines`."""
+    cflags = [f"-I{bpf_source_dir() / 'include'}", "-Wno-macro-redefined", *offset_cflags(btf)]
+    return cflags + [f"-D{k}={v}" for k, v in (defines or {}).items()]
+
+
 def hook_programs(hooks: Iterable) -> list[ProgramSpec]:
     """The programs a probe's `hooks` name (Hook.program), attached by the loader at each hook's target."""
     return [ProgramSpec(h.program, h.kind, h.target) for h in hooks if getattr(h, "program", "")]
@@ -180,11 +186,8 @@ def compile_program(source: str, btf, defines: Mapping[str, int | str] | None = 
                     attach: bool = True) -> Module:
     """Compile `bpf/<source>` with the BTF offsets and `defines`, load `programs`, and (unless `attach` is
     False) attach the tracepoint and raw-tracepoint ones. Raises CompileError with the log on failure."""
-    src_dir = bpf_source_dir()
-    cflags = [f"-I{src_dir / 'include'}", "-Wno-macro-redefined", *offset_cflags(btf)]
-    cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
     try:
-        module = load(str(src_dir / source), cflags, programs)
+        module = load(str(bpf_source_dir() / source), build_cflags(btf, defines), programs)
     except CompileError as exc:
         log.warning("bpf_compile_failed", source=source, error=str(exc), log=exc.log)
         raise
