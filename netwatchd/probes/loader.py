@@ -158,7 +158,10 @@ def load(source: str, cflags: list[str], programs: Iterable[ProgramSpec]) -> Mod
                             "programs": [[p.name, p.kind] for p in programs]})
     try:
         if not reply.get("ok"):
-            raise CompileError(reply.get("error", "compile failed"), reply.get("log", ""))
+            log_text = reply.get("log", "")
+            last = next((ln.strip() for ln in reversed(log_text.splitlines()) if ln.strip()), "")
+            message = reply.get("error", "compile failed") + (f" ({last[:200]})" if last else "")
+            raise CompileError(message, log_text)
         metas, progs = reply["maps"], reply["programs"]
         if len(fds) != len(metas) + len(progs):
             raise CompileError(f"the compiler child sent {len(fds)} fds for {len(metas)} maps and {len(progs)} "
