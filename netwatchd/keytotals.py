@@ -57,7 +57,7 @@ class KeyTotals:
         self._key_list: list[bytes] = []
         self._index: dict[bytes, int] = {}  # key -> position in the previous read, for counted keys only
         self._held: dict[bytes, tuple[int, int]] = {}  # uncounted (unlabelled) keys: last counted values
-        self._groups: list[list] | None = None  # [labels, gather packets, gather bytes, last p, last b]
+        self._groups: list[tuple] | None = None  # (labels, gather packets, gather bytes) per label set
         self._prev_vals: array | None = None  # the read before the previous one (idle keys)
         self._match: tuple | None = None  # how the previous read's positions matched the one before
 
@@ -70,12 +70,11 @@ class KeyTotals:
         vals = array("Q")
         vals.frombytes(values)
         assert self._groups is not None
-        for g in self._groups:
-            p = g[1](vals)
-            if p != g[3]:
-                b = g[2](vals)
-                self._add(g[0], *growth(p, b, g[3], g[4]))
-                g[3], g[4] = p, b
+        prev = self._vals
+        for labels, get_p, get_b in self._groups:
+            now_p, then_p = get_p(vals), get_p(prev)
+            if now_p != then_p:  # a C-level compare of the two gathers
+                self._add(labels, *growth(now_p, get_b(vals), then_p, get_b(prev)))
         self._prev_vals, self._vals = self._vals, vals
 
     def read(self, keys: bytes, values: bytes, key_size: int, key_list: list[bytes],
@@ -99,7 +98,7 @@ class KeyTotals:
         for i, lab in enumerate(labels):
             if lab is not None:
                 by_label.setdefault(lab, []).append(i)
-        groups: list[list] = []
+        groups: list[tuple] = []
         for lab, idx in by_label.items():
             get_p, get_b = gather([2 * i for i in idx]), gather([2 * i + 1 for i in idx])
             now_p, now_b = get_p(vals), get_b(vals)
@@ -107,7 +106,7 @@ class KeyTotals:
                             gather([2 * js[i] + 1 for i in idx])(prev))
             if dp:
                 self._add(lab, dp, db)
-            groups.append([lab, get_p, get_b, now_p, now_b])
+            groups.append((lab, get_p, get_b))
         # Keys still unlabelled keep their last counted values (zero for new ones: nothing to keep).
         for i in [i for i, lab in enumerate(labels) if lab is None]:
             j = js[i]
