@@ -350,6 +350,7 @@ class Daemon:
         try:
             identity = self.start_identity()
             self.attach_probes()
+            loader.discard_prestarted()  # a probe whose hook is missing did not need its child
             self.join_identity(identity)
             self.release_start_up_memory()
             server.start()
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("environment_problem", error=str(exc))
         print(f"netwatchd: {exc}", file=sys.stderr)
         return 3
+    # One compiler child per probe, started now: they load bcc while we read BTF and the node's addresses.
+    with contextlib.suppress(OSError):
+        loader.prestart(len(registry.build([n.strip() for n in args.probes.split(",") if n.strip()])))
     daemon = Daemon(args, tracefs)
 
     def on_signal(signum, _frame):

@@ -201,6 +201,8 @@ class DropAccounting:
                 return 0
             key_list = key_slices(keys, key_size)
             labels = list(map(self._label_cache.get, key_list))
+            if budget_s is not None and self._pending:
+                budget_s = 0.0  # catch_up() is on it already (in the background): this read only counts
             deadline = None if budget_s is None else time.perf_counter() + budget_s
             pending = []
             for i in [i for i, lab in enumerate(labels) if lab is None]:

@@ -138,16 +138,21 @@ def fentry_job() -> dict:
 
 
 def serve(sock: socket.socket) -> None:
+    # bcc first, then wait: a child started ahead of time (loader.prestart) is ready when the request comes.
+    try:
+        import bcc  # noqa: F401
+
+        missing = None
+    except ImportError as exc:
+        missing = exc
     msg = sock.recv(MAX_MESSAGE)
-    if not msg:
+    if not msg:  # the daemon did not need us after all
         return
     keep = None
     try:
         req = json.loads(msg)
-        try:
-            import bcc  # noqa: F401
-        except ImportError as exc:
-            reply, fds = {"ok": False, "error": f"the Python module 'bcc' is missing ({exc})", "log": ""}, []
+        if missing is not None:
+            reply, fds = {"ok": False, "error": f"the Python module 'bcc' is missing ({missing})", "log": ""}, []
         else:
             if req.get("op") == "compile":
                 reply, fds, keep = compile_job(req)

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -106,22 +107,57 @@ def child_command(fd: int) -> list[str]:
     return [sys.executable, "-m", "netwatchd.probes.compiler", "--fd", str(fd)]
 
 
-def run_child(request: dict, timeout: float = COMPILE_TIMEOUT_S) -> tuple[dict, list[int]]:
-    """Send `request` to a fresh compiler child; return (reply, received fds) once the child has exited.
-
-    The child is exec'd (subprocess), never forked from this threaded process, and imports the same
-    netwatchd as we do (our package's parent directory goes first on its PYTHONPATH).
-    """
+def _spawn() -> tuple[subprocess.Popen, socket.socket]:
+    """Start a compiler child (exec'd, never forked from this threaded process) that imports bcc and waits for
+    one request on its end of a socketpair. It imports the same netwatchd as we do (our package's parent
+    directory goes first on its PYTHONPATH)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     env = dict(os.environ)
     root = str(Path(netwatchd.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    fds: list[int] = []
-    proc = None
     try:
         with theirs:
             proc = subprocess.Popen(child_command(theirs.fileno()), pass_fds=(theirs.fileno(),), env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except BaseException:
+        ours.close()
+        raise
+    return proc, ours
+
+
+_warm: list[tuple[subprocess.Popen, socket.socket]] = []
+_warm_lock = threading.Lock()
+
+
+def prestart(n: int) -> None:
+    """Start `n` compiler children now, so that their interpreter start and bcc import (~0.2 s of CPU each)
+    overlap the daemon's own start-up instead of following it."""
+    for _ in range(n):
+        child = _spawn()
+        with _warm_lock:
+            _warm.append(child)
+
+
+def discard_prestarted() -> None:
+    """Let unused children go (they exit when their socket closes)."""
+    with _warm_lock:
+        children = list(_warm)
+        _warm.clear()
+    for proc, sock in children:
+        sock.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
+def run_child(request: dict, timeout: float = COMPILE_TIMEOUT_S) -> tuple[dict, list[int]]:
+    """Send `request` to a compiler child (a prestarted one if any); return (reply, received fds) once the
+    child has exited."""
+    with _warm_lock:
+        proc, ours = _warm.pop() if _warm else (None, None)
+    if proc is None or ours is None:
+        proc, ours = _spawn()
+    fds: list[int] = []
+    try:
         ours.settimeout(timeout)
         ours.send(json.dumps(request).encode())
         try:
@@ -143,7 +179,7 @@ def run_child(request: dict, timeout: float = COMPILE_TIMEOUT_S) -> tuple[dict, 
         raise
     finally:
         ours.close()
-        if proc is not None and proc.poll() is None:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
 
