@@ -18,7 +18,7 @@ from netwatchd.classify import IPAddress
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
 from netwatchd.kernel import dropreasons
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
-from netwatchd.probes.loader import compile_program
+from netwatchd.probes.loader import attach_raw_tracepoints, compile_program
 
 DEFAULT_MAX_ENTRIES = 16384
 L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
@@ -75,7 +75,7 @@ class DropsProbe:
     """See module docstring."""
 
     name = "drops"
-    hooks = (Hook("tracepoint", "skb:kfree_skb"),)
+    hooks = (Hook("raw_tracepoint", "skb:kfree_skb"),)
     metrics = (DROPS, DROPPED_BYTES)
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ignore_reasons: tuple[str, ...] = ()) -> None:
@@ -111,6 +111,7 @@ class DropsProbe:
         ignored = self._bpf["ignored_reasons"]
         for name in self.ignore_reasons:
             ignored[ignored.Key(self.reasons.number(name))] = ignored.Leaf(1)
+        attach_raw_tracepoints(self._bpf, {"nw_kfree_skb": "kfree_skb"})  # filters in place first
         self.accounting = DropAccounting(ctx.view, ctx.resolver, self.reasons.name,
                                          series_limit=getattr(settings, "max_series", 10000),
                                          host_netns=ctx.host_netns)

@@ -28,7 +28,7 @@ from netwatchd.export.histogram import DEFAULT_BOUNDS_S, HistogramAccounting, bp
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
 from netwatchd.pipeline import SOCKET_LABELS, SeriesBudget, forget_pod_series, socket_labels
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
-from netwatchd.probes.loader import compile_program
+from netwatchd.probes.loader import attach_raw_tracepoints, compile_program
 
 DEFAULT_MAX_ENTRIES = 16384  # each aggregation map (keys: pods x peers, not connections)
 DEFAULT_SOCKET_ENTRIES = 65536  # per-socket LRU (connect start time, role, last RTT sample)
@@ -42,6 +42,10 @@ ROLE_CLIENT, ROLE_SERVER = 1, 2  # bpf/tcp.c ROLE_*
 OUTCOMES = ("refused", "timeout", "other")  # index = bpf/tcp.c OUTCOME_*
 AGG_MAPS = ("tcp_connect", "tcp_rtt", "tcp_counts")  # index = bpf/tcp.c OVERFLOW_*
 SOCKET_MAP = "tcp_socks"
+RTT_MEMO_SLOTS = 1024  # sockets whose next RTT sample is not due yet (bpf/tcp.c rtt_memo)
+# bpf/tcp.c function -> raw tracepoint
+PROGRAMS = {"nw_sock_set_state": "inet_sock_set_state", "nw_tcp_receive_reset": "tcp_receive_reset",
+            "nw_tcp_probe": "tcp_probe", "nw_tcp_retransmit": "tcp_retransmit_skb"}
 # struct tcp_key in bpf/tcp.c: local[16], remote[16], u32 netns, u8 family, u8 role, u8 pad[2].
 KEY_LAYOUT = struct.Struct("=16s16sIBB2x")
 
@@ -218,10 +222,10 @@ class TcpProbe:
 
     name = "tcp"
     hooks = (
-        Hook("tracepoint", "sock:inet_sock_set_state"),
-        Hook("tracepoint", "tcp:tcp_receive_reset"),
-        Hook("tracepoint", "tcp:tcp_probe"),
-        Hook("tracepoint", "tcp:tcp_retransmit_skb"),
+        Hook("raw_tracepoint", "sock:inet_sock_set_state"),
+        Hook("raw_tracepoint", "tcp:tcp_receive_reset"),
+        Hook("raw_tracepoint", "tcp:tcp_probe"),
+        Hook("raw_tracepoint", "tcp:tcp_retransmit_skb"),
     )
     metrics = (TCP_CONNECT, TCP_CONNECT_FAILURES, TCP_RTT, TCP_RETRANSMITS)
 
@@ -258,12 +262,14 @@ class TcpProbe:
             "TCP_MAX_ENTRIES": self.max_entries,
             "TCP_SOCK_ENTRIES": self.socket_entries,
             "TCP_RTT_INTERVAL_JIFFIES": f"{interval_jiffies(self.rtt_interval_s, self.hz)}ULL",
+            "TCP_RTT_MEMO": RTT_MEMO_SLOTS,
             **bpf_defines(DEFAULT_BOUNDS_S),
         }
         if "err" in tracepoint_fields(ctx.tracefs, "tcp:tcp_retransmit_skb"):
             defines["TCP_RETRANSMIT_HAS_ERR"] = 1  # 6.10+: skip retransmits that were not sent
         self._bpf = compile_program("tcp.c", ctx.btf, defines)
         self._check_layout()
+        attach_raw_tracepoints(self._bpf, PROGRAMS)
         view, resolver, host_netns = ctx.view, ctx.resolver, ctx.host_netns
 
         def label_fn(key: SockKey) -> tuple[str, ...]:
