@@ -39,7 +39,7 @@ from netwatchd.identity.apiserver import (
     service_addresses,
     service_node_ports,
 )
-from netwatchd.identity.kubelet import IdentityError, KubeletClient, LocalPod, parse_pod_list
+from netwatchd.identity.kubelet import IdentityError, KubeletClient, LocalPod, PodListParser, parse_pod_list
 from netwatchd.identity.local import NODE, PodRef
 from netwatchd.identity.netns import PodNetns, in_netns, list_netns, map_pods_to_netns
 from netwatchd.identity.resolver import KubeResolver
@@ -151,6 +151,26 @@ def test_parse_pod_list_malformed(body: str, fragment: str) -> None:
     with pytest.raises(IdentityError) as ei:
         parse_pod_list(body)
     assert ei.value.kind == "malformed" and fragment in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_pod_list_parser_parses_only_new_items() -> None:
+    """Unchanged pods (same JSON, in any order) are not parsed through the models again; changed ones are."""
+    parser = PodListParser()
+    first = parser.parse(json.dumps(POD_LIST).encode())
+    assert parser.parsed == 6 and len(first) == 6
+    assert parser.parse(json.dumps(POD_LIST).encode()) == first and parser.parsed == 6  # byte-identical
+    shuffled = pod_list(*reversed(POD_LIST["items"]))  # the real kubelet lists pods in no fixed order
+    again = parser.parse(json.dumps(shuffled))
+    assert [p.name for p in again] == [p.name for p in reversed(first)] and parser.parsed == 6
+    assert all(a is b for a, b in zip(again, reversed(first), strict=True))  # the very same objects
+    moved = copy.deepcopy(POD_LIST)
+    moved["items"][4]["status"]["podIPs"] = [{"ip": "10.244.1.99"}]
+    changed = {p.name: p for p in parser.parse(json.dumps(moved))}
+    assert parser.parsed == 7 and changed["bare"].ips == (ip("10.244.1.99"),)
+    with pytest.raises(IdentityError):
+        parser.parse(b"garbage")
+    assert parser.parse(json.dumps(moved)) and parser.parsed == 7  # a failure keeps the last good items
+    parser.close()
 
 
 def test_parse_empty_pod_list() -> None:
