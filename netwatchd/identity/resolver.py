@@ -152,7 +152,8 @@ class KubeResolver:
     def apply_to_view(self, view: ClusterView) -> None:
         """Fill ``view`` from what is known: exact local pod IPs; pod CIDRs, service IPs and node IPs from the
         apiserver. Where the apiserver gives nothing (not synced, or no podCIDRs allocated), the values the
-        view had on the first call (the CLI flags) are used, not whatever a previous call left there.
+        view had on the first call (the CLI flags) are used, not whatever a previous call left there; the
+        cluster's pod CIDRs are always the flags' plus the Nodes' (routed CNIs allocate from pools no Node lists).
         """
         with self._lock:
             defaults = self._view_defaults.setdefault(
@@ -161,7 +162,9 @@ class KubeResolver:
         flag_cluster, flag_node, flag_node_ips, flag_service_ips = defaults
         if pods.local_ips is not None:
             view.local_pod_ips = pods.local_ips
-        view.cluster_cidrs = snap.cluster_pod_cidrs or flag_cluster
+        # Both name pods: Node podCIDRs and --cluster-cidr (a Calico IP pool, Cilium's cluster pool, OVN's
+        # cluster network are in no Node's spec.podCIDRs, or not all of them), so the view takes their union.
+        view.cluster_cidrs = tuple(dict.fromkeys((*flag_cluster, *snap.cluster_pod_cidrs)))
         view.node_pod_cidrs = snap.node_pod_cidrs or flag_node
         view.node_ips = snap.node_ips or flag_node_ips
         view.service_ips = frozenset(snap.service_by_ip) if snap.services_synced else flag_service_ips
