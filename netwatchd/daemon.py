@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import os
 import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +30,11 @@ from netwatchd.identity.resolver import KubeResolver
 from netwatchd.kernel import env, hooks
 from netwatchd.kernel.bpfstats import StatsSampler
 from netwatchd.kernel.hooks import HookStatus
-from netwatchd.probes import registry
+from netwatchd.probes import loader, registry
 from netwatchd.probes.base import ProbeContext, program_fds
 
 HOST_ADDRESSES_EVERY_S = 5.0  # how often the node's own addresses are re-read
+CATCH_UP_EVERY_S = 0.02  # pause between steps of labelling a burst of new keys (scrapes get the lock in between)
 
 
 @dataclass
@@ -138,8 +143,10 @@ class Daemon:
         self.state.probes = self.probes
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.wake = threading.Event()  # set by stop and by a read that left new keys unlabelled
         self._last_refresh = 0.0
         self._hosts_read_at = time.monotonic()
+        self._fentry_done = False
 
     def start_identity(self) -> None:
         """Use the kubelet (and the apiserver) when configured; standalone otherwise."""
@@ -174,6 +181,7 @@ class Daemon:
         self.log.info("pod_series_removed", namespace=namespace, pod=name, series=removed)
 
     def detect_hooks(self) -> None:
+        """Every hook kind from tracefs and BTF; fentry stays "not tried" until `detect_fentry()`."""
         def btf_has(name: str) -> bool:
             try:
                 self.btf.struct_size(name)
@@ -183,25 +191,52 @@ class Daemon:
 
         self.state.hooks = hooks.detect(self.tracefs, btf_has)
         for h in self.state.hooks:
-            self.log.info("hook_detected", hook=h.kind, available=h.available, detail=h.detail)
+            if h.kind != "fentry":
+                self.log.info("hook_detected", hook=h.kind, available=h.available, detail=h.detail)
+
+    def detect_fentry(self) -> None:
+        """Only a real attach tells whether fentry works, and that takes a compiler child (~0.5 s of CPU):
+        done before the probes only if one of them needs fentry, else in the background once serving."""
+        if self._fentry_done:
+            return
+        self._fentry_done = True
+        h = hooks.fentry_status(loader.probe_fentry())
+        self.state.hooks = [h if x.kind == "fentry" else x for x in self.state.hooks]
+        self.log.info("hook_detected", hook=h.kind, available=h.available, detail=h.detail)
 
     def attach_probes(self) -> None:
+        """Attach every probe whose hooks this kernel has, in parallel: each compiles in its own compiler
+        child, and on 2 CPUs the compiles overlap (start-to-ready is about the slowest one, not the sum)."""
         ctx = ProbeContext(btf=self.btf, tracefs=self.tracefs, settings=self.args, view=self.view,
                            resolver=self.resolver, host_netns=own_netns_inode())
+        if any(h.kind == "fentry" for p in self.probes for h in p.hooks):
+            self.detect_fentry()
         available = {h.kind for h in self.state.hooks if h.available}
+        results: dict[str, tuple[bool, str]] = {}
+        attaching: dict[str, Future] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(self.probes)), thread_name_prefix="attach") as pool:
+            for probe in self.probes:
+                missing = [f"{h.kind} {h.target}" for h in probe.hooks
+                           if h.kind not in available
+                           or (h.kind in ("tracepoint", "raw_tracepoint")
+                               and not hooks.tracepoint_exists(self.tracefs, h.target))]
+                if missing:
+                    results[probe.name] = (False, f"missing hook: {', '.join(missing)}")
+                else:
+                    attaching[probe.name] = pool.submit(probe.attach, ctx)
+            for probe in self.probes:
+                fut = attaching.get(probe.name)
+                if fut is None:
+                    continue
+                exc = fut.exception()
+                if exc is None:
+                    results[probe.name] = (True, "")
+                    continue
+                probe.detach()  # a failed probe degrades, never stops the daemon
+                lines = str(exc).strip().splitlines()
+                results[probe.name] = (False, f"{type(exc).__name__}: {lines[-1] if lines else ''}")
         for probe in self.probes:
-            missing = [f"{h.kind} {h.target}" for h in probe.hooks
-                       if h.kind not in available
-                       or (h.kind in ("tracepoint", "raw_tracepoint")
-                           and not hooks.tracepoint_exists(self.tracefs, h.target))]
-            ok, why = not missing, f"missing hook: {', '.join(missing)}" if missing else ""
-            if ok:
-                try:
-                    probe.attach(ctx)
-                except Exception as exc:  # noqa: BLE001 - a failed probe degrades, never stops the daemon
-                    probe.detach()
-                    lines = str(exc).strip().splitlines()
-                    ok, why = False, f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+            ok, why = results[probe.name]
             for h in probe.hooks:
                 self.state.probe_status[(probe.name, f"{h.kind}:{h.target}")] = ok
             if ok:
@@ -220,6 +255,42 @@ class Daemon:
             for probe in self.probes:
                 if probe.name not in self.state.probe_errors:
                     probe.refresh()
+        if self.backlog():
+            self.wake.set()
+
+    def refresh_loop(self) -> None:
+        """A full read every --interval; in between, while a probe has new keys left unlabelled by a read's
+        time budget (a burst of thousands of new flows), label them in short steps and read again when done,
+        so the next scrape is both short and complete."""
+        next_read = time.monotonic() + self.args.interval
+        while not self.stop.is_set():
+            backlog = self.backlog()
+            wait = next_read - time.monotonic()
+            self.wake.wait(max(0.0, min(wait, CATCH_UP_EVERY_S) if backlog else wait))
+            self.wake.clear()
+            if self.stop.is_set():
+                return
+            try:
+                if time.monotonic() >= next_read:
+                    next_read = time.monotonic() + self.args.interval
+                    self.refresh_host_addresses()
+                    self.refresh()
+                elif backlog:
+                    self.catch_up()
+            except Exception:  # noqa: BLE001 - log and keep counting; next interval retries
+                self.log.exception("refresh_failed")
+
+    def backlog(self) -> bool:
+        return any(getattr(p, "pending", 0) for p in self.probes if p.name not in self.state.probe_errors)
+
+    def catch_up(self) -> None:
+        """One budgeted step of labelling new keys; a full read once none are left."""
+        with self.lock:
+            for probe in self.probes:
+                if probe.name not in self.state.probe_errors and getattr(probe, "pending", 0):
+                    probe.catch_up()
+        if not self.backlog():
+            self.refresh()
 
     def refresh_host_addresses(self) -> None:
         """The node's own addresses change (an uplink configured late, a VIP on the node): re-read them."""
@@ -250,18 +321,15 @@ class Daemon:
         try:
             self.start_identity()
             self.attach_probes()
+            self.release_start_up_memory()
             server.start()
             self.start_bpf_stats()
             self.state.ready = True
+            threading.Thread(target=self.detect_fentry, name="detect-fentry", daemon=True).start()
             host, port = server.address
             self.log.info("serving", listen=f"{host}:{port}", probes=[p.name for p in self.probes],
                           identity=self.state.identity_source)
-            while not self.stop.wait(self.args.interval):
-                try:
-                    self.refresh_host_addresses()
-                    self.refresh()
-                except Exception:  # noqa: BLE001 - log and keep counting; next interval retries
-                    self.log.exception("refresh_failed")
+            self.refresh_loop()
         finally:
             server.close()
             if self.identity:
@@ -284,6 +352,16 @@ class Daemon:
         sampler = StatsSampler(self.attached_programs, window_s=a.bpf_stats_window, every_s=a.bpf_stats_every)
         self.state.bpf_stats = sampler
         sampler.start(self.stop, first_after_s=min(5.0, a.bpf_stats_every))
+
+    def release_start_up_memory(self) -> None:
+        """Start-up needed the parsed kernel BTF (~10 MiB) and built many short-lived objects; the daemon runs
+        for months without either. Drop the BTF, collect, hand freed heap pages back to the kernel, and move
+        what is left out of the collector's way (gc.freeze: fewer objects to walk on every full collection)."""
+        self.btf = None
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL(None).malloc_trim(0)
+        gc.freeze()
 
     def detach_all(self) -> None:
         for probe in self.probes:
@@ -316,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         log.info("stopping", signal=signal.Signals(signum).name)
         daemon.stop.set()
+        daemon.wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

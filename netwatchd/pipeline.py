@@ -8,6 +8,8 @@ grow — even when a map entry is evicted to make room, or a pod's identity chan
 from __future__ import annotations
 
 import threading
+import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,11 +26,13 @@ from netwatchd.classify import (
     classify,
 )
 from netwatchd.identity.local import NODE, PodRef
+from netwatchd.keytotals import KeyTotals, key_slices
 from netwatchd.probes.drops import DropRecord
 
 _NS, _POD = 4, 5  # positions of namespace and pod in every label tuple
 L4_PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 OVERFLOW_POD = "__overflow__"
+DECODE_BUDGET_S = 0.01  # labelling new keys per read or catch-up step: a scrape never waits much longer for them
 
 
 class Resolver(Protocol):
@@ -93,10 +97,11 @@ class DropAccounting:
         self.budget = SeriesBudget(series_limit)
         self.packets: dict[tuple[str, ...], int] = {}
         self.bytes: dict[tuple[str, ...], int] = {}
-        self._last: dict[bytes, tuple[int, int]] = {}
-        self._idle: set[bytes] = set()
+        self._totals = KeyTotals(self.packets, self.bytes)
         self._label_cache: dict[bytes, tuple[str, ...]] = {}
         self._cache_gen = -1
+        self._pending: list[bytes] = []  # new keys not labelled yet (over the decode budget)
+        self._decode: Callable[[bytes], DropRecord] | None = None
         self.lock = threading.Lock()
 
     def _local_pod(self, ip) -> PodRef:
@@ -162,52 +167,96 @@ class DropAccounting:
         svc_ns, svc_name = svc or ("", "")
         return (reason, rec.protocol, att.traffic_class, att.direction, pod.namespace, pod.pod, svc_ns, svc_name)
 
-    def seen_packets(self, key: bytes) -> int | None:
-        """Packets of `key` at the previous read (None: never seen)."""
-        last = self._last.get(key)
-        return last[0] if last else None
+    # -- reading the whole map ------------------------------------------------------------------------
 
-    def update(self, records: Iterable[DropRecord], idle: Iterable[bytes] = ()) -> None:
-        """Add each key's growth since the previous read to its label set's totals. `idle`: keys the caller
-        already found unchanged (not decoded)."""
-        self.update_raw(((r.key, r.packets, r.bytes, (lambda r=r: r)) for r in records), idle)
+    def _check_generation(self) -> None:
+        gen = getattr(self.view, "generation", 0)
+        if gen != self._cache_gen:  # identity changed: every cached label may be wrong now
+            self._label_cache.clear()
+            self._cache_gen = gen
+            self._totals.relabel()
 
-    def update_raw(self, entries: Iterable[tuple[bytes, int, int, Callable[[], DropRecord]]],
-                   idle: Iterable[bytes] = ()) -> None:
-        """Like update(), from (raw key, packets, bytes, decode) where decode() is only called when the key's
-        labels are not cached: labels depend only on the raw key and the identity generation."""
+    def _label(self, raw: bytes, decode: Callable[[bytes], DropRecord]) -> tuple[str, ...]:
+        labels = self.budget.admit(self.labels_for(decode(raw)), _POD, _NS)
+        self._label_cache[raw] = labels
+        return labels
+
+    def update_table(self, keys: bytes, values: bytes, key_size: int, decode: Callable[[bytes], DropRecord],
+                     budget_s: float | None = DECODE_BUDGET_S) -> int:
+        """Fold one whole read of the map into the totals: `keys`/`values` are the concatenated raw keys and
+        values (packets, bytes: two u64 each) as the batched lookup returns them; decode(raw key) gives the
+        record of a key whose labels are not cached (labels depend only on the raw key and the identity
+        generation). Returns how many new keys wait to be labelled.
+
+        Labelling a key never seen costs ~30 us (classification); at most `budget_s` of that is spent per read
+        (None: no limit). A key over the budget is not counted yet and its last value stays where it was, so
+        `catch_up()` and the next read count all of its growth: totals may lag for a moment, nothing is lost.
+        The arithmetic itself is done per label set at C speed (netwatchd.keytotals).
+        """
         with self.lock:
-            idle = set(idle)
-            gen = getattr(self.view, "generation", 0)
-            if gen != self._cache_gen:
-                self._label_cache.clear()
-                self._cache_gen = gen
-            for raw, packets, nbytes, decode in entries:
-                last_p, last_b = self._last.get(raw, (0, 0))
-                dp, db = packets - last_p, nbytes - last_b
-                if dp < 0:  # the entry was deleted and re-created since the last read
-                    dp, db = packets, nbytes
-                self._last[raw] = (packets, nbytes)
-                if dp == 0:
-                    idle.add(raw)
-                    continue
-                labels = self._label_cache.get(raw)
-                if labels is None:
-                    labels = self.budget.admit(self.labels_for(decode()), _POD, _NS)
-                    self._label_cache[raw] = labels
-                self.packets[labels] = self.packets.get(labels, 0) + dp
-                self.bytes[labels] = self.bytes.get(labels, 0) + db
-            self._idle = idle
+            self._check_generation()
+            self._decode = decode
+            if self._totals.same_keys(keys):
+                self._totals.advance(values)
+                return 0
+            key_list = key_slices(keys, key_size)
+            labels = list(map(self._label_cache.get, key_list))
+            deadline = None if budget_s is None else time.perf_counter() + budget_s
+            pending = []
+            for i in [i for i, lab in enumerate(labels) if lab is None]:
+                if deadline is not None and time.perf_counter() > deadline:
+                    pending.append(key_list[i])
+                else:
+                    labels[i] = self._label(key_list[i], decode)
+            self._pending = pending
+            self._totals.read(keys, values, key_size, key_list, labels)
+            return len(pending)
+
+    def catch_up(self, budget_s: float = DECODE_BUDGET_S) -> int:
+        """Label keys left over by update_table's budget (they are counted at the next read). Returns how many
+        are still waiting."""
+        with self.lock:
+            self._check_generation()
+            deadline = time.perf_counter() + budget_s
+            done = 0
+            for raw in self._pending:
+                if raw not in self._label_cache and self._decode is not None:
+                    self._label(raw, self._decode)
+                done += 1
+                if time.perf_counter() > deadline:
+                    break
+            del self._pending[:done]
+            return len(self._pending)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def update(self, records: Iterable[DropRecord]) -> None:
+        """update_table() from decoded records (all keys of one read; keys of equal length), no budget."""
+        records = list(records)
+        if not records:
+            self.update_table(b"", b"", 1, lambda raw: None, None)  # type: ignore[arg-type, return-value]
+            return
+        size = len(records[0].key)
+        if any(len(r.key) != size for r in records):
+            raise ValueError("all keys of one read have the same size")
+        by_key = {r.key: r for r in records}
+        values = array("Q", [x for r in records for x in (r.packets, r.bytes)]).tobytes()
+        self.update_table(b"".join(r.key for r in records), values, size, by_key.__getitem__, None)
 
     def idle_keys(self) -> list[bytes]:
         """Keys that did not grow since the previous read: safe to evict (their totals are kept)."""
-        return list(self._idle)
+        with self.lock:
+            return self._totals.idle_keys()
 
     def forget(self, keys: Iterable[bytes]) -> None:
+        """Keys evicted from the map: if they come back they count from zero."""
         with self.lock:
+            keys = set(keys)
+            self._totals.forget(keys)
+            self._pending = [k for k in self._pending if k not in keys]
             for k in keys:
-                self._last.pop(k, None)
-                self._idle.discard(k)
                 self._label_cache.pop(k, None)
 
     def forget_pod(self, namespace: str, pod: str) -> int:
@@ -217,6 +266,7 @@ class DropAccounting:
             # cached label sets of keys that still point at the gone pod must be recomputed
             self._label_cache = {raw: lab for raw, lab in self._label_cache.items()
                                  if not (lab[_NS] == namespace and lab[_POD] == pod)}
+            self._totals.relabel()
             return removed
 
     def series(self) -> int:

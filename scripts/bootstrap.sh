@@ -17,9 +17,10 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 
-# Run time: BCC, bpftool, iproute2. Tests: the lab's netfilter/conntrack tools, tmux (netwatchctl top),
+# Run time: BCC (compiles, in a short-lived child), libbpf1 (the daemon's map and attach calls), bpftool,
+# iproute2. Tests: the lab's netfilter/conntrack tools, tmux (netwatchctl top),
 # prometheus/promtool (alerts, dashboards), podman/runc/debootstrap (the image build), iperf3/tcpdump (bench).
-DEB_PACKAGES=(python3 python3-venv python3-pip python3-bpfcc bpftool iproute2 iptables nftables conntrack
+DEB_PACKAGES=(python3 python3-venv python3-pip python3-bpfcc libbpf1 bpftool iproute2 iptables nftables conntrack
   pahole tmux procps ca-certificates openssl util-linux prometheus podman runc debootstrap iperf3 tcpdump
   gcc libc6-dev)
 

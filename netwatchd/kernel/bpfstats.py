@@ -54,13 +54,6 @@ def prog_stats(fd: int, proc_self: str = "/proc/self") -> ProgStats | None:
     return ProgStats(fields["prog_id"], fields.get("run_time_ns", 0), fields.get("run_cnt", 0))
 
 
-def bcc_program_fds(bpf) -> dict[str, int]:
-    """Program name -> fd of every function a BCC module loaded."""
-    if bpf is None:
-        return {}
-    return {name.decode() if isinstance(name, bytes) else str(name): fn.fd for name, fn in bpf.funcs.items()}
-
-
 @dataclass
 class ProgEstimate:
     """One program's cost as the windows measured it: totals scaled to all the time, and the last window."""

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.util
 import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from netwatchd.kernel import bpfsys
 
 # Capability bits (linux/capability.h) netwatchd needs when it does not run as uid 0.
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
@@ -122,13 +125,23 @@ def check_kernel_headers(paths: HostPaths) -> Path:
 
 
 def check_bcc() -> None:
+    """bcc must be importable by the compiler child; found without importing it (importing it maps LLVM)."""
     try:
-        import bcc  # noqa: F401
-    except ImportError as exc:
+        found = importlib.util.find_spec("bcc") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         raise EnvironmentProblem(
-            f"the Python module 'bcc' is missing ({exc}): apt-get install python3-bpfcc and use a "
+            "the Python module 'bcc' is missing: apt-get install python3-bpfcc and use a "
             "virtualenv created with --system-site-packages (scripts/bootstrap.sh does both)"
-        ) from None
+        )
+
+
+def check_libbpf() -> None:
+    """The daemon reads maps and attaches programs through libbpf (ctypes), never through bcc."""
+    why = bpfsys.available()
+    if why is not None:
+        raise EnvironmentProblem(f"{bpfsys.LIBBPF} cannot be loaded ({why}): apt-get install libbpf1")
 
 
 def preflight(paths: HostPaths | None = None) -> Path:
@@ -140,4 +153,5 @@ def preflight(paths: HostPaths | None = None) -> Path:
     tracefs = find_tracefs(paths)
     check_kernel_headers(paths)
     check_bcc()
+    check_libbpf()
     return tracefs

@@ -3,6 +3,10 @@
 netwatchd is built on tracepoints and tc (stable, and what works everywhere we run); kprobes and fentry are
 detected so the logs and `netwatch_hook_available` say plainly what the node lacks. A probe whose hook is
 missing is reported as not attached; the daemon carries on with the others.
+
+Everything here is read from tracefs and BTF, except fentry: only a real attach tells (BCC's support_kfunc()
+can say yes while the kernel refuses), and that needs the compiler, so the daemon asks a compiler child
+(`probes.loader.probe_fentry`, in parallel with the probes' compiles) and passes the answer in.
 """
 
 from __future__ import annotations
@@ -31,26 +35,10 @@ def tracepoint_exists(tracefs: Path, name: str) -> bool:
     return _tracefs_has(tracefs, name)
 
 
-def _try_fentry() -> str | None:
-    """Load and attach a minimal fentry program; None when it works, else why not.
-
-    BCC's `support_kfunc()` can say yes while the kernel still refuses the attach (seen on our CI
-    kernels), so only a real attach counts.
-    """
-    try:
-        from bcc import BPF
-
-        if not BPF.support_kfunc():
-            return "BCC reports no kfunc support in this kernel"
-        prog = BPF(text="KFUNC_PROBE(tcp_v4_connect) { return 0; }")
-        prog.cleanup()
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        return f"attach refused: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-
-
-def detect(tracefs: Path, btf_has_type: Callable[[str], bool], try_fentry: bool = True) -> list[HookStatus]:
-    """Detect every hook kind. `btf_has_type(name)` answers whether the kernel's BTF defines a type."""
+def detect(tracefs: Path, btf_has_type: Callable[[str], bool],
+           fentry: tuple[bool, str] | None = None) -> list[HookStatus]:
+    """Detect every hook kind. `btf_has_type(name)` answers whether the kernel's BTF defines a type; `fentry`
+    is (available, detail) from a test attach, None when not tried."""
     out: list[HookStatus] = []
     tp_ok = (tracefs / "events").is_dir()
     out.append(HookStatus("tracepoint", tp_ok, f"tracefs at {tracefs}" if tp_ok else "no tracefs events"))
@@ -62,9 +50,11 @@ def detect(tracefs: Path, btf_has_type: Callable[[str], bool], try_fentry: bool 
     out.append(HookStatus("tcx", tcx_ok, "tcx_entry in BTF" if tcx_ok else "kernel older than 6.6 or no tcx"))
     kprobe_ok = (tracefs / "kprobe_events").exists() or Path("/sys/bus/event_source/devices/kprobe").exists()
     out.append(HookStatus("kprobe", kprobe_ok, "kprobe_events present" if kprobe_ok else "CONFIG_KPROBES is off"))
-    if try_fentry:
-        why = _try_fentry()
-        out.append(HookStatus("fentry", why is None, why or "attached a test program"))
-    else:
-        out.append(HookStatus("fentry", False, "not tried"))
+    out.append(fentry_status(fentry))
     return out
+
+
+def fentry_status(fentry: tuple[bool, str] | None) -> HookStatus:
+    if fentry is None:
+        return HookStatus("fentry", False, "not tried (yet)")
+    return HookStatus("fentry", fentry[0], fentry[1])

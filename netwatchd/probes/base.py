@@ -16,10 +16,13 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Hook:
-    """A kernel attach point: kind (see kernel.hooks.HOOK_KINDS) and target, e.g. tracepoint skb:kfree_skb."""
+    """A kernel attach point: kind (see kernel.hooks.HOOK_KINDS) and target, e.g. tracepoint skb:kfree_skb;
+    `program`, when set, is the C function of the probe's source that the loader attaches there (by name:
+    nothing depends on BCC's tracepoint__* naming)."""
 
     kind: str
     target: str
+    program: str = ""
 
 
 @dataclass
@@ -70,9 +73,8 @@ class Probe(Protocol):
 
 
 def program_fds(probe: Any) -> dict[str, int]:
-    """Program name -> fd of a probe's loaded BPF programs (`programs()` if it has one, else its BCC module)."""
+    """Program name -> fd of a probe's loaded BPF programs (`programs()` if it has one, else its module's)."""
     if hasattr(probe, "programs"):
         return dict(probe.programs())
-    from netwatchd.kernel.bpfstats import bcc_program_fds
-
-    return bcc_program_fds(getattr(probe, "_bpf", None))
+    module = getattr(probe, "_bpf", None)
+    return module.program_fds() if module is not None and hasattr(module, "program_fds") else {}

@@ -7,7 +7,7 @@ This side reads the map, decodes the raw keys, and evicts idle entries when the 
 from __future__ import annotations
 
 import collections
-import contextlib
+import ctypes
 import ipaddress
 import socket
 import threading
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from netwatchd.classify import IPAddress
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
-from netwatchd.kernel import dropreasons
+from netwatchd.kernel import dropreasons, ksyms
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
-from netwatchd.probes.loader import attach_raw_tracepoints, compile_program
+from netwatchd.probes.loader import compile_program, hook_programs
 
 DEFAULT_MAX_ENTRIES = 16384
 L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
@@ -55,6 +55,14 @@ class DropRecord:
     ct_reply: bool = False
 
 
+@dataclass(frozen=True)
+class _Counts:
+    """A drop_val decoded from raw bytes (what `decode` reads from a value)."""
+
+    packets: int
+    bytes: int
+
+
 def decode_addr(raw: bytes, family: int) -> IPAddress | None:
     """The kernel stores v4 in the first 4 of 16 bytes, v6 in all 16; family 0 means no IP header."""
     if family == 4:
@@ -75,7 +83,7 @@ class DropsProbe:
     """See module docstring."""
 
     name = "drops"
-    hooks = (Hook("raw_tracepoint", "skb:kfree_skb"),)
+    hooks = (Hook("raw_tracepoint", "skb:kfree_skb", "nw_kfree_skb"),)
     metrics = (DROPS, DROPPED_BYTES)
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ignore_reasons: tuple[str, ...] = ()) -> None:
@@ -107,11 +115,13 @@ class DropsProbe:
         self._bpf = compile_program(
             "drops.c", ctx.btf,
             {"DROPS_MAX_ENTRIES": self.max_entries, "REASON_CONSUMED": consumed, "MAX_REASONS": max_reasons},
+            hook_programs(self.hooks), ctx.tracefs, attach=False,
         )
+        self._check_value_layout()
         ignored = self._bpf["ignored_reasons"]
         for name in self.ignore_reasons:
             ignored[ignored.Key(self.reasons.number(name))] = ignored.Leaf(1)
-        attach_raw_tracepoints(self._bpf, {"nw_kfree_skb": "kfree_skb"})  # filters in place first
+        self._bpf.attach(ctx.tracefs)  # the filters are in place first
         self.accounting = DropAccounting(ctx.view, ctx.resolver, self.reasons.name,
                                          series_limit=getattr(settings, "max_series", 10000),
                                          host_netns=ctx.host_netns)
@@ -122,19 +132,13 @@ class DropsProbe:
             return
         if self.tail is not None:
             self.tail.expire()
-        # Decode only entries that grew since the last read: at 10k keys, decoding is most of the cost.
-        items = self._items()
-        changed, idle = [], []
-        for k, v in items:
-            raw = bytes(k)
-            if self.accounting.seen_packets(raw) == v.packets:
-                idle.append(raw)
-            else:
-                changed.append((raw, v.packets, v.bytes, lambda k=k, v=v: self.decode(k, v)))
-        self.accounting.update_raw(changed, idle=idle)
-        self.stats.entries = len(items)
+        # The accounting works on the raw batch buffers (no object per entry) and labels new keys within a time
+        # budget, so a read of 10k keys stays short (pipeline.DropAccounting.update_table).
+        keys, values, n = self._items_raw()
+        self.accounting.update_table(keys, values, self._bpf["drops"].key_size, self.decode_key)
+        self.stats.entries = n
         self.stats.overflow = self.overflow()
-        if len(items) >= EVICT_AT * self.max_entries:
+        if n >= EVICT_AT * self.max_entries:
             idle = self.accounting.idle_keys()
             self.evict(idle)
             self.accounting.forget(idle)
@@ -169,14 +173,30 @@ class DropsProbe:
     def attached(self) -> bool:
         return self._bpf is not None
 
-    def _items(self) -> list:
-        """(key, value) of every map entry: one batched syscall when the kernel allows (BCC sizes the batch
-        to max_entries, so one call returns the whole map), else BCC's per-key iteration."""
-        table = self._bpf["drops"]
-        try:
-            return list(table.items_lookup_batch())
-        except Exception:  # noqa: BLE001 - old kernels without batch ops
-            return list(table.items())
+    def _check_value_layout(self) -> None:
+        """refresh() reads values as two u64 (packets, bytes): fail at load if bpf/drops.c says otherwise."""
+        leaf = self._bpf["drops"].Leaf
+        if ctypes.sizeof(leaf) != 16 or (leaf.packets.offset, leaf.bytes.offset) != (0, 8):
+            self.detach()
+            raise RuntimeError("bpf/drops.c struct drop_val is not {u64 packets; u64 bytes;} as drops.py reads it")
+
+    def _items_raw(self) -> tuple[bytes, bytes, int]:
+        """Every map entry as (concatenated raw keys, concatenated raw values, count): batched lookups in chunks
+        where the kernel has them (kernel.maps), key by key otherwise."""
+        return self._bpf["drops"].items_raw()
+
+    def decode_key(self, raw: bytes) -> DropRecord:
+        """The record of a raw key (counts 0: labels depend on the key only)."""
+        return self.decode(self._bpf["drops"].Key.from_buffer_copy(raw), _Counts(0, 0))
+
+    @property
+    def pending(self) -> int:
+        """New keys whose labels are not computed yet (they are counted once they are)."""
+        return self.accounting.pending if self.accounting is not None else 0
+
+    def catch_up(self) -> None:
+        if self.accounting is not None:
+            self.accounting.catch_up()
 
     @staticmethod
     def decode(k, v) -> DropRecord:
@@ -199,7 +219,7 @@ class DropsProbe:
         """All entries of the kernel map, decoded."""
         if self._bpf is None:
             return []
-        return [self.decode(k, v) for k, v in self._items()]
+        return [self.decode(k, v) for k, v in self._bpf["drops"].items()]
 
     def overflow(self) -> int:
         """Drops not counted per key because the map was full (cumulative)."""
@@ -211,10 +231,7 @@ class DropsProbe:
         """Delete entries (by raw key) so the map has room; the pipeline keeps their totals."""
         if self._bpf is None:
             return
-        table = self._bpf["drops"]
-        for raw in keys:
-            with contextlib.suppress(KeyError):
-                del table[table.Key.from_buffer_copy(raw)]
+        self._bpf["drops"].delete_many(keys)  # batched: evicting thousands of keys is one syscall or a few
 
 
 class DropTail:
@@ -251,15 +268,10 @@ class DropTail:
                          orig_dst=decode_addr(bytes(ev.ct_daddr), ev.family) if ev.ct_flags & CT_NATTED else None,
                          orig_dport=socket.ntohs(ev.ct_dport), ct_reply=bool(ev.ct_flags & CT_REPLY))
         labels = dict(zip(DROP_LABELS, self.accounting.labels_for(rec), strict=True))
-        try:
-            from bcc import BPF
-
-            location = BPF.ksym(ev.location, show_offset=True).decode()
-        except Exception:  # noqa: BLE001 - symbolisation is best effort
-            location = hex(ev.location)
         doc = {
             **labels,
-            "time": time.time(), "ktime_ns": ev.ts_ns, "location": location,
+            # the kernel address for now: follow() names the call sites of what it returns (kernel.ksyms)
+            "time": time.time(), "ktime_ns": ev.ts_ns, "location": int(ev.location),
             "src": str(rec.src) if rec.src else "", "dst": str(rec.dst) if rec.dst else "",
             "sport": socket.ntohs(ev.sport), "dport": socket.ntohs(ev.dport),
             "service_vip": str(rec.orig_dst) if rec.orig_dst else "",
@@ -285,6 +297,12 @@ class DropTail:
         with self._lock:
             events = [e for e in self.events if e["seq"] > since]
             seq = self.seq
+        addrs = {e["location"] for e in events if isinstance(e["location"], int)}
+        if addrs:
+            names = ksyms.resolve(addrs)
+            for e in events:
+                if isinstance(e["location"], int):
+                    e["location"] = names[e["location"]]
         return {"seq": seq, "rate_limit": rate, "suppressed": int(self._bpf["tail_state"][0].suppressed),
                 "events": events}
 

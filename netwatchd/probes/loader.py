@@ -1,15 +1,37 @@
-"""Compiles netwatchd's BPF C sources with BCC, passing kernel struct offsets resolved from BTF.
+"""Compiles netwatchd's BPF C sources with BCC in a short-lived child process, and loads the result by fd.
+
+The daemon computes the compiler flags (kernel struct offsets resolved from BTF, the probe's -D defines),
+starts `python -m netwatchd.probes.compiler` with one end of a unix socketpair, and gets back every map and
+program as a file descriptor (SCM_RIGHTS) with the ctypes layouts of the maps' keys and values. The child
+exits right after; only then are the tracepoint programs attached (by fd, `probes.module`). So the daemon
+never imports bcc or maps libbcc/LLVM, and nothing is attached twice.
 
 The C sources live in the repository's top-level `bpf/` and ship inside the wheel as `netwatchd/bpf`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Mapping
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import structlog
+
 import netwatchd
+from netwatchd.kernel import bpfsys, ctlayout
+from netwatchd.kernel.maps import map_for
+from netwatchd.probes.module import PROGRAM_KINDS, Module, Program, ProgramSpec
+
+log = structlog.get_logger("netwatchd.loader")
+
+COMPILE_TIMEOUT_S = 300.0  # a big program under emulation (QEMU TCG) takes ~40 s; a real machine ~1 s
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 250  # SCM_MAX_FD is 253
 
 # Every struct member a program may read: -D name -> (struct, member path). Resolved once per start from
 # /sys/kernel/btf/vmlinux, because the headers BCC compiles with may describe another kernel.
@@ -80,6 +102,14 @@ def cpu_regions(path: Path = Path("/sys/devices/system/cpu/possible")) -> int:
     return 1 << (n - 1).bit_length()
 
 
+class CompileError(RuntimeError):
+    """The child could not compile or load a program; `log` has the compiler/verifier output."""
+
+    def __init__(self, message: str, log_text: str = "") -> None:
+        super().__init__(message)
+        self.log = log_text
+
+
 def bpf_source_dir() -> Path:
     """The installed `netwatchd/bpf`, or the repository's `bpf/` in a development checkout."""
     pkg = Path(netwatchd.__file__).resolve().parent
@@ -119,21 +149,120 @@ def offset_cflags(btf) -> list[str]:
     return flags
 
 
-def compile_program(source: str, btf, defines: Mapping[str, int | str] | None = None):
-    """Compile `bpf/<source>` with BCC; TRACEPOINT_PROBE programs attach as the module loads."""
-    from bcc import BPF  # imported late: preflight reports a missing bcc with a clear message
+def hook_programs(hooks: Iterable) -> list[ProgramSpec]:
+    """The programs a probe's `hooks` name (Hook.program), attached by the loader at each hook's target."""
+    return [ProgramSpec(h.program, h.kind, h.target) for h in hooks if getattr(h, "program", "")]
 
+
+def child_command(fd: int) -> list[str]:
+    return [sys.executable, "-m", "netwatchd.probes.compiler", "--fd", str(fd)]
+
+
+def run_child(request: dict, timeout: float = COMPILE_TIMEOUT_S) -> tuple[dict, list[int]]:
+    """Send `request` to a fresh compiler child; return (reply, received fds) once the child has exited.
+
+    The child is exec'd (subprocess), never forked from this threaded process, and imports the same
+    netwatchd as we do (our package's parent directory goes first on its PYTHONPATH).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = dict(os.environ)
+    root = str(Path(netwatchd.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    fds: list[int] = []
+    proc = None
+    try:
+        with theirs:
+            proc = subprocess.Popen(child_command(theirs.fileno()), pass_fds=(theirs.fileno(),), env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        ours.settimeout(timeout)
+        ours.send(json.dumps(request).encode())
+        try:
+            msg, fds, flags, _ = socket.recv_fds(ours, MAX_MESSAGE, MAX_FDS)
+        except TimeoutError:
+            raise CompileError(f"the compiler child did not answer within {timeout:g} s") from None
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            raise CompileError("the compiler child's answer was truncated")
+        if not msg:
+            proc.wait(10)
+            raise CompileError(f"the compiler child exited with code {proc.returncode} without answering")
+        reply = json.loads(msg)
+        proc.wait(30)  # attach nothing while the child (and anything it holds) is alive
+        return reply, fds
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    finally:
+        ours.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def load(source: str, cflags: list[str], programs: Iterable[ProgramSpec]) -> Module:
+    """Compile `source` in a child and build a Module from the fds it sends back (nothing attached yet)."""
+    programs = list(programs)
+    for p in programs:
+        if p.kind not in PROGRAM_KINDS:
+            raise ValueError(f"program {p.name}: unknown kind {p.kind!r} (one of {', '.join(PROGRAM_KINDS)})")
+    reply, fds = run_child({"op": "compile", "source": source, "cflags": cflags,
+                            "programs": [[p.name, p.kind] for p in programs]})
+    try:
+        if not reply.get("ok"):
+            raise CompileError(reply.get("error", "compile failed"), reply.get("log", ""))
+        metas, progs = reply["maps"], reply["programs"]
+        if len(fds) != len(metas) + len(progs):
+            raise CompileError(f"the compiler child sent {len(fds)} fds for {len(metas)} maps and {len(progs)} "
+                               "programs")
+        poller = bpfsys.RingBufferPoller()
+        maps = {}
+        for meta, fd in zip(metas, fds, strict=False):
+            maps[meta["name"]] = map_for(meta["name"], fd, ctlayout.build(meta["key"]), ctlayout.build(meta["leaf"]),
+                                         ctlayout.build(meta.get("event")), poller)
+        by_name = {p.name: p for p in programs}
+        loaded = {}
+        for meta, fd in zip(progs, fds[len(metas):], strict=True):
+            spec = by_name[meta["name"]]
+            loaded[spec.name] = Program(spec.name, spec.kind, spec.target, fd)
+        return Module(source, maps, loaded, poller)
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+
+
+def compile_program(source: str, btf, defines: Mapping[str, int | str] | None = None,
+                    programs: Iterable[ProgramSpec] = (), tracefs: Path | None = None,
+                    attach: bool = True) -> Module:
+    """Compile `bpf/<source>` with the BTF offsets and `defines`, load `programs`, and (unless `attach` is
+    False) attach the tracepoint and raw-tracepoint ones. Raises CompileError with the log on failure."""
     src_dir = bpf_source_dir()
     cflags = [f"-I{src_dir / 'include'}", "-Wno-macro-redefined", *offset_cflags(btf)]
     cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
-    return BPF(src_file=str(src_dir / source), cflags=cflags)
+    try:
+        module = load(str(src_dir / source), cflags, programs)
+    except CompileError as exc:
+        log.warning("bpf_compile_failed", source=source, error=str(exc), log=exc.log)
+        raise
+    if attach:
+        try:
+            module.attach(tracefs or Path("/sys/kernel/tracing"))
+        except BaseException:
+            module.cleanup()
+            raise
+    return module
 
 
-def attach_raw_tracepoints(bpf, programs: Mapping[str, str]) -> None:
-    """Attach each function `name` of a compiled module to raw tracepoint `event` ({name: event}).
-
-    Raw tracepoints hand the program the tracepoint's arguments as they are; a classic tracepoint first fills
-    its whole trace record, on every event, whether or not the program wants it.
-    """
-    for fn_name, event in programs.items():
-        bpf.attach_raw_tracepoint(tp=event, fn_name=fn_name)
+def probe_fentry() -> tuple[bool, str]:
+    """Ask a compiler child whether an fentry program attaches on this kernel: (available, detail)."""
+    try:
+        reply, fds = run_child({"op": "fentry"}, timeout=120)
+    except (OSError, CompileError, ValueError) as exc:
+        return False, f"not tried: {exc}"
+    for fd in fds:
+        os.close(fd)
+    if not reply.get("ok"):
+        return False, reply.get("error", "compiler child failed")
+    return bool(reply.get("available")), str(reply.get("detail", ""))

@@ -46,6 +46,7 @@ from netwatchd.identity.local import NODE, PodRef
 from netwatchd.pipeline import SeriesBudget, forget_pod_series
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
 from netwatchd.probes.loader import compile_program, cpu_regions
+from netwatchd.probes.module import ProgramSpec
 from netwatchd.probes.tcattach import (
     DEFAULT_CLSACT_PRIO,
     ROLE_CODES,
@@ -396,15 +397,14 @@ class TcProbe:
         with contextlib.suppress(Exception):  # no conntrack: uplink traffic NATed to pods is taken as it leaves
             defines["TC_CT_HASH_SIZE"] = btf.struct_size("nf_conntrack_tuple_hash")
             defines["TC_IPS_NAT_MASK"] = btf.enum_values("ip_conntrack_status")["IPS_NAT_MASK"]
-        self._bpf = compile_program("tc.c", btf, defines)
-        from bcc import BPF
-
+        self._bpf = compile_program("tc.c", btf, defines,
+                                    [ProgramSpec(n, "sched_cls") for names in PROGRAMS.values() for n in names])
         classes = self._bpf["classes"]
         for i in range(len(classes)):
             classes[classes.Key(i)] = classes.Leaf(UNKNOWN_CLASS)
         self.sync_view()
-        fns = {n: self._bpf.load_func(n, BPF.SCHED_CLS) for names in PROGRAMS.values() for n in names}
-        programs = {role: (fns[i].fd, fns[o].fd, i, o) for role, (i, o) in PROGRAMS.items()}
+        fd = self._bpf.program_fd
+        programs = {role: (fd(i), fd(o), i, o) for role, (i, o) in PROGRAMS.items()}
         attacher = make_attacher(getattr(s, "tc_attach", "auto"), btf,
                                  getattr(s, "tc_clsact_prio", DEFAULT_CLSACT_PRIO))
         self.manager = TcManager(attacher, programs, self._on_plan, getattr(s, "tc_uplinks", "auto")).start()
@@ -571,8 +571,7 @@ class TcProbe:
     def programs(self) -> dict[str, int]:
         if self._bpf is None:
             return {}
-        return {n: self._bpf.funcs[n.encode()].fd for names in PROGRAMS.values() for n in names
-                if n.encode() in self._bpf.funcs}
+        return self._bpf.program_fds()
 
     def detach(self) -> None:
         if self.manager is not None:

@@ -28,7 +28,7 @@ from netwatchd.export.histogram import DEFAULT_BOUNDS_S, HistogramAccounting, bp
 from netwatchd.export.metrics import MetricSpec, exposed_name, family
 from netwatchd.pipeline import SOCKET_LABELS, SeriesBudget, forget_pod_series, socket_labels
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
-from netwatchd.probes.loader import attach_raw_tracepoints, compile_program
+from netwatchd.probes.loader import compile_program, hook_programs
 
 DEFAULT_MAX_ENTRIES = 16384  # each aggregation map (keys: pods x peers, not connections)
 DEFAULT_SOCKET_ENTRIES = 65536  # per-socket LRU (connect start time, role, last RTT sample)
@@ -43,9 +43,6 @@ OUTCOMES = ("refused", "timeout", "other")  # index = bpf/tcp.c OUTCOME_*
 AGG_MAPS = ("tcp_connect", "tcp_rtt", "tcp_counts")  # index = bpf/tcp.c OVERFLOW_*
 SOCKET_MAP = "tcp_socks"
 RTT_MEMO_SLOTS = 1024  # sockets whose next RTT sample is not due yet (bpf/tcp.c rtt_memo)
-# bpf/tcp.c function -> raw tracepoint
-PROGRAMS = {"nw_sock_set_state": "inet_sock_set_state", "nw_tcp_receive_reset": "tcp_receive_reset",
-            "nw_tcp_probe": "tcp_probe", "nw_tcp_retransmit": "tcp_retransmit_skb"}
 # struct tcp_key in bpf/tcp.c: local[16], remote[16], u32 netns, u8 family, u8 role, u8 pad[2].
 KEY_LAYOUT = struct.Struct("=16s16sIBB2x")
 
@@ -222,10 +219,10 @@ class TcpProbe:
 
     name = "tcp"
     hooks = (
-        Hook("raw_tracepoint", "sock:inet_sock_set_state"),
-        Hook("raw_tracepoint", "tcp:tcp_receive_reset"),
-        Hook("raw_tracepoint", "tcp:tcp_probe"),
-        Hook("raw_tracepoint", "tcp:tcp_retransmit_skb"),
+        Hook("raw_tracepoint", "sock:inet_sock_set_state", "nw_sock_set_state"),
+        Hook("raw_tracepoint", "tcp:tcp_receive_reset", "nw_tcp_receive_reset"),
+        Hook("raw_tracepoint", "tcp:tcp_probe", "nw_tcp_probe"),
+        Hook("raw_tracepoint", "tcp:tcp_retransmit_skb", "nw_tcp_retransmit"),
     )
     metrics = (TCP_CONNECT, TCP_CONNECT_FAILURES, TCP_RTT, TCP_RETRANSMITS)
 
@@ -267,9 +264,8 @@ class TcpProbe:
         }
         if "err" in tracepoint_fields(ctx.tracefs, "tcp:tcp_retransmit_skb"):
             defines["TCP_RETRANSMIT_HAS_ERR"] = 1  # 6.10+: skip retransmits that were not sent
-        self._bpf = compile_program("tcp.c", ctx.btf, defines)
+        self._bpf = compile_program("tcp.c", ctx.btf, defines, hook_programs(self.hooks), ctx.tracefs)
         self._check_layout()
-        attach_raw_tracepoints(self._bpf, PROGRAMS)
         view, resolver, host_netns = ctx.view, ctx.resolver, ctx.host_netns
 
         def label_fn(key: SockKey) -> tuple[str, ...]:
@@ -340,7 +336,7 @@ class TcpProbe:
             del self._decoded[raw]
         if self.clock() - self._counted_sockets_at >= SOCKET_COUNT_EVERY_S:
             self._counted_sockets_at = self.clock()
-            self.stats[SOCKET_MAP].entries = sum(1 for _ in self._bpf[SOCKET_MAP])
+            self.stats[SOCKET_MAP].entries = len(self._bpf[SOCKET_MAP])
 
     def evict(self, name: str, raws: list[bytes]) -> int:
         """Delete idle entries of map `name` so it has room; the accounting keeps their totals. Returns count."""
