@@ -117,7 +117,9 @@ class Sections:
             return fn()
         except Exception as exc:  # noqa: BLE001 - reported in the results, the other sections still run
             log(f"section {name} FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-            self.errors[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            why = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "") if lines else ""
+            self.errors[name] = f"{type(exc).__name__}: {why}"  # e.g. the daemon's first and last log line
             return None
 
 
