@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         res["scrape_first_ms"] = round((time.perf_counter() - t) * 1e3, 1)
                     assert status == 200
+                res["scrape_times_ms"] = [round(t, 1) for t in times]
                 res["scrape_median_ms"] = round(median(times), 1)
                 res["scrape_max_ms"] = round(max(times), 1)
                 log(f"scrapes: median {res['scrape_median_ms']} ms, max {res['scrape_max_ms']} ms")

@@ -47,11 +47,15 @@ def cpu_delta(before: dict[str, CpuTimes], after: dict[str, CpuTimes]) -> dict[s
     return {k: after[k] - before[k] for k in after if k in before}
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` so far, in seconds."""
+def process_cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime of every thread of ``pid`` so far, in seconds; with ``children``, plus those of its
+    children it has waited for (cutime + cstime: a short-lived compile child, for instance)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # 16 and 17
+    return ticks / CLK_TCK
 
 
 def process_runtime_seconds(pid: int) -> float:
@@ -72,6 +76,46 @@ def process_memory_kib(pid: int) -> dict[str, int]:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0])
+    return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of every thread of ``pid`` (/proc/<pid>/task/<tid>/children)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` plus that of all its descendants, in KiB (0 for a process that is gone)."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        with contextlib.suppress(OSError):
+            total += process_memory_kib(p).get("VmRSS", 0)
+            todo += child_pids(p)
+    return total
+
+
+def bpf_stats_holders() -> dict[int, str]:
+    """Processes holding kernel BPF run-time statistics on (a ``BPF_ENABLE_STATS`` fd, ``anon_inode:bpf-stats``):
+    pid -> command name. The sysctl ``kernel.bpf_stats_enabled`` only shows its own state, not these."""
+    out: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == "anon_inode:bpf-stats":
+                        out[int(proc.name)] = (proc / "comm").read_text().strip()
+                        break
     return out
 
 

@@ -7,9 +7,14 @@
  *                                         Prints one JSON line: transactions, seconds, rate, latency
  *                                         percentiles (microseconds) of every transaction.
  *   rr udp HOST PORT SECONDS RATE         paced 32-byte UDP datagrams (to a closed port: kernel drops)
- *   rr flows DST PORT COUNT SRC           COUNT UDP datagrams from COUNT distinct source addresses
+ *   rr flows DST PORT COUNT SRC [RATE]    COUNT UDP datagrams from COUNT distinct source addresses
  *                                         (SRC, SRC+1, ...) and ports through a raw socket: COUNT
- *                                         distinct flows in one shot. IPv4 only.
+ *                                         distinct flows, in one shot or RATE per second. IPv4 only.
+ *   rr connect HOST PORT SECONDS RATE HOLD_MS
+ *                                         paced non-blocking TCP connects, each socket closed HOLD_MS
+ *                                         after its connect: to a closed port they are refused (RST),
+ *                                         to a port whose SYNs are dropped a HOLD_MS > 1000 gives one
+ *                                         SYN retransmit each. Prints {"connects": N}.
  *
  * Every mode is bounded by its arguments; the client and udp modes also stop after SECONDS + 5 s of
  * wall time whatever happens (alarm), so a wedged peer never hangs the benchmark.
@@ -197,7 +202,7 @@ static uint16_t csum(const void *p, size_t len) {
     return (uint16_t)~s;
 }
 
-static int flows(const char *dst, const char *port, long count, const char *src) {
+static int flows(const char *dst, const char *port, long count, const char *src, double rate) {
     struct in_addr d, s;
     if (inet_pton(AF_INET, dst, &d) != 1 || inet_pton(AF_INET, src, &s) != 1) {
         fprintf(stderr, "rr: flows needs IPv4 addresses\n");
@@ -213,7 +218,12 @@ static int flows(const char *dst, const char *port, long count, const char *src)
     } pkt;
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_addr = d};
     long sent = 0, retries = 0;
+    uint64_t period = rate > 0 ? (uint64_t)(1e9 / rate) : 0, next = now_ns();
     for (long i = 0; i < count; i++) {
+        if (period) { /* paced: one new flow every period */
+            sleep_until(next);
+            next += period;
+        }
         memset(&pkt, 0, sizeof pkt);
         memcpy(pkt.data, "netwatchd-flows", 15);
         pkt.ip.version = 4;
@@ -237,6 +247,59 @@ static int flows(const char *dst, const char *port, long count, const char *src)
     return 0;
 }
 
+static int connects(const char *host, const char *port, double seconds, double rate, long hold_ms) {
+    if (rate <= 0 || hold_ms < 0) {
+        fprintf(stderr, "rr: connect needs RATE > 0 and HOLD_MS >= 0\n");
+        return 2;
+    }
+    alarm((unsigned)(seconds + hold_ms / 1000.0) + 5);
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV};
+    struct addrinfo *ai;
+    if (getaddrinfo(host, port, &hints, &ai) != 0) {
+        fprintf(stderr, "rr: bad address %s:%s\n", host, port);
+        return 1;
+    }
+    /* A ring of open sockets, oldest first: each is closed once it is HOLD_MS old. */
+    size_t cap = (size_t)(rate * (double)hold_ms / 1000.0) + 16, head = 0, len = 0;
+    int *fds = calloc(cap, sizeof *fds);
+    uint64_t *opened = calloc(cap, sizeof *opened);
+    if (!fds || !opened)
+        die("calloc");
+    uint64_t period = (uint64_t)(1e9 / rate), hold = (uint64_t)hold_ms * 1000000ull;
+    uint64_t start = now_ns(), end = start + (uint64_t)(seconds * 1e9), next = start;
+    long n = 0;
+    while (next < end) {
+        sleep_until(next);
+        next += period;
+        uint64_t t = now_ns();
+        while (len && (opened[head] + hold <= t || len == cap)) { /* close the ones held long enough */
+            close(fds[head]);
+            head = (head + 1) % cap;
+            len--;
+        }
+        int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+            die("socket");
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS && errno != ECONNREFUSED) {
+            close(fd);
+            continue;
+        }
+        fds[(head + len) % cap] = fd;
+        opened[(head + len) % cap] = t;
+        len++;
+        n++;
+    }
+    while (len) { /* the last ones keep their full hold time too */
+        sleep_until(opened[head] + hold);
+        close(fds[head]);
+        head = (head + 1) % cap;
+        len--;
+    }
+    freeaddrinfo(ai);
+    printf("{\"connects\": %ld}\n", n);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     prctl(PR_SET_TIMERSLACK, 1UL); /* paced modes: wake on time, not up to 50 us late */
@@ -246,9 +309,11 @@ int main(int argc, char **argv) {
         return client(argv[2], argv[3], atof(argv[4]), argc == 6 ? atof(argv[5]) : 0);
     if (argc == 6 && !strcmp(argv[1], "udp"))
         return udp(argv[2], argv[3], atof(argv[4]), atof(argv[5]));
-    if (argc == 6 && !strcmp(argv[1], "flows"))
-        return flows(argv[2], argv[3], atol(argv[4]), argv[5]);
+    if ((argc == 6 || argc == 7) && !strcmp(argv[1], "flows"))
+        return flows(argv[2], argv[3], atol(argv[4]), argv[5], argc == 7 ? atof(argv[6]) : 0);
+    if (argc == 7 && !strcmp(argv[1], "connect"))
+        return connects(argv[2], argv[3], atof(argv[4]), atof(argv[5]), atol(argv[6]));
     fprintf(stderr, "usage: rr server PORT | rr client HOST PORT SECONDS [RATE] | rr udp HOST PORT SECONDS RATE"
-                    " | rr flows DST PORT COUNT SRC\n");
+                    " | rr flows DST PORT COUNT SRC [RATE] | rr connect HOST PORT SECONDS RATE HOLD_MS\n");
     return 2;
 }

@@ -121,7 +121,19 @@ def start_udp(binary: Path, ep: NetnsEndpoint, dst: str, port: int, seconds: flo
                     stderr=subprocess.PIPE, text=True)
 
 
-def flows(binary: Path, ep: NetnsEndpoint, dst: str, port: int, count: int, first_src: str) -> int:
-    """Send one UDP datagram per flow, ``count`` flows with sources ``first_src``, +1, ...; return sent."""
-    out = ep.run([str(binary), "flows", dst, str(port), str(count), first_src], timeout=60).stdout
+def flows(binary: Path, ep: NetnsEndpoint, dst: str, port: int, count: int, first_src: str,
+          rate: float = 0) -> int:
+    """Send one UDP datagram per flow, ``count`` flows with sources ``first_src``, +1, ...; return sent.
+    ``rate`` > 0 paces them (flows per second), 0 sends them in one burst."""
+    argv = [str(binary), "flows", dst, str(port), str(count), first_src] + ([f"{rate:g}"] if rate > 0 else [])
+    out = ep.run(argv, timeout=60 + (count / rate if rate > 0 else 0)).stdout
     return int(json.loads(out.strip().splitlines()[-1])["sent"])
+
+
+def start_connects(binary: Path, ep: NetnsEndpoint, dst: str, port: int, seconds: float, rate: float,
+                   hold_ms: int) -> subprocess.Popen:
+    """Paced non-blocking TCP connects to ``dst:port`` in the background, each socket closed ``hold_ms`` after
+    its connect (read the count with :func:`finish`): refused to a closed port, retransmitted SYNs to a port
+    whose SYNs are dropped (``hold_ms`` > 1000: the first SYN retransmit comes after 1 s)."""
+    return ep.popen([str(binary), "connect", dst, str(port), f"{seconds:g}", f"{rate:g}", str(hold_ms)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

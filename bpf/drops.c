@@ -1,4 +1,4 @@
-/* drops: every packet the kernel frees as dropped (tracepoint skb:kfree_skb), counted in the kernel.
+/* drops: every packet the kernel frees as dropped (raw tracepoint skb:kfree_skb), counted in the kernel.
  *
  * One hash entry per (addresses, conntrack's pre-DNAT destination, protocol, reason, netns, ifindex);
  * user space reads the map on an
@@ -9,8 +9,11 @@
  * discard it here in case a path reports it via kfree_skb (REASON_CONSUMED comes from BTF, -1 if absent).
  * NOT_SPECIFIED is kept and counted: it is a real drop whose call site has no reason yet.
  */
-#include <net/dropreason.h>
 #include "netwatch.h"
+
+/* A member of struct sk_buff from the span read into sb (SKB_SPAN_START: a multiple of 8, so every member is
+ * at its natural alignment in the buffer, as the verifier requires of stack reads). */
+#define SKB_FIELD(T, sb, OFF) (*(T *)((char *)(sb) + (OFF) - SKB_SPAN_START))
 
 struct drop_key {
     u8 saddr[16];
@@ -88,7 +91,7 @@ static __always_inline int tail_admit(void)
     return 1;
 }
 
-static __always_inline void tail_emit(const void *skb, const struct drop_key *key, u64 location)
+static __always_inline void tail_emit(const char *ip, const struct drop_key *key, u64 location)
 {
     struct drop_event ev = {};
     ev.ts_ns = bpf_ktime_get_ns();
@@ -104,67 +107,133 @@ static __always_inline void tail_emit(const void *skb, const struct drop_key *ke
     ev.family = key->family;
     ev.l4proto = key->l4proto;
     ev.ct_flags = key->ct_flags;
-    if ((key->l4proto == 6 || key->l4proto == 17) && key->family) {
-        u16 nh = NW_READ(u16, skb, SKB_NETWORK_HEADER_OFF);
-        const char *head = NW_READ(const char *, skb, SKB_HEAD_OFF);
-        const char *ip = head + nh;
+    if ((key->l4proto == 6 || key->l4proto == 17) && ip) {
         u32 l4off = key->family == NW_FAMILY_V4 ? (NW_READ(u8, ip, 0) & 0xf) * 4 : 40;
-        ev.sport = NW_READ(u16, ip, l4off);
-        ev.dport = NW_READ(u16, ip, l4off + 2);
+        u16 ports[2] = {};
+        bpf_probe_read_kernel(ports, sizeof(ports), ip + l4off);
+        ev.sport = ports[0];
+        ev.dport = ports[1];
     }
     drop_tail.ringbuf_output(&ev, sizeof(ev), 0);
 }
 
-TRACEPOINT_PROBE(skb, kfree_skb)
+/* The IP header of the dropped packet: addresses and L4 protocol with one read. Returns its address, or
+ * NULL for a packet without one (ARP, a frame dropped before L3: its key keeps family 0). */
+static __always_inline const char *drop_ip_header(const u64 *sb, struct drop_key *key)
 {
-    int reason = (int)args->reason;
+    u16 nh = SKB_FIELD(u16, sb, SKB_NETWORK_HEADER_OFF);
+    const char *head = SKB_FIELD(const char *, sb, SKB_HEAD_OFF);
+    if (nh == (u16)~0U || !head)
+        return NULL;
+    const char *ip = head + nh;
+    if (key->eth_proto == ETH_P_IP_) {
+        u8 h[20];
+        if (bpf_probe_read_kernel(h, sizeof(h), ip) || (h[0] >> 4) != 4)
+            return NULL;
+        key->family = NW_FAMILY_V4;
+        key->l4proto = h[9];
+        __builtin_memcpy(key->saddr, h + 12, 4);
+        __builtin_memcpy(key->daddr, h + 16, 4);
+    } else if (key->eth_proto == ETH_P_IPV6_) {
+        u8 h[40];
+        if (bpf_probe_read_kernel(h, sizeof(h), ip) || (h[0] >> 4) != 6)
+            return NULL;
+        key->family = NW_FAMILY_V6;
+        key->l4proto = h[6];
+        __builtin_memcpy(key->saddr, h + 8, 16);
+        __builtin_memcpy(key->daddr, h + 24, 16);
+    } else {
+        return NULL;
+    }
+    return ip;
+}
+
+/* Conntrack's original destination when NAT rewrote it (kube-proxy's DNAT): see nw_skb_ct_orig. */
+static __always_inline void drop_ct_orig(const u64 *sb, struct drop_key *key)
+{
+#if defined(SKB_NFCT_OFF) && defined(NFCONN_TUPLE_ORIG_OFF)
+    unsigned long nfct = SKB_FIELD(unsigned long, sb, SKB_NFCT_OFF);
+    u32 ctinfo = nfct & 7; /* NFCT_INFOMASK */
+    const char *ct = (const char *)(nfct & ~7UL);
+    if (!ct || ctinfo == NW_IP_CT_UNTRACKED)
+        return;
+    /* dst.u3 (16 bytes) then dst.u (the port) follow each other in struct nf_conntrack_tuple */
+    u64 dst[3] = {};
+    if (bpf_probe_read_kernel(dst, sizeof(dst), ct + NFCONN_TUPLE_ORIG_OFF + CT_TUPLE_DST_U3_OFF))
+        return;
+    const u8 *odst = (const u8 *)dst;
+    const u8 *pkt = ctinfo >= NW_IP_CT_IS_REPLY ? key->saddr : key->daddr;
+    if (nw_addr_eq(odst, pkt))
+        return;
+    key->ct_flags = ctinfo >= NW_IP_CT_IS_REPLY ? NW_CT_NATTED | NW_CT_REPLY : NW_CT_NATTED;
+    __builtin_memcpy(key->ct_daddr, odst, 16);
+    key->ct_dport = *(const u16 *)(odst + (CT_TUPLE_DST_PORT_OFF - CT_TUPLE_DST_U3_OFF));
+#endif
+}
+
+/* Where the packet died: the device's ifindex and netns, or, without a device, the socket's netns. */
+static __always_inline void drop_place(const u64 *sb, struct drop_key *key)
+{
+    const char *dev = SKB_FIELD(const char *, sb, SKB_DEV_OFF);
+    const char *net = NULL;
+    if (dev) {
+        u64 db[DEV_SPAN_WORDS];
+        if (bpf_probe_read_kernel(db, sizeof(db), dev + DEV_SPAN_START))
+            return;
+        key->ifindex = *(u32 *)((char *)db + NETDEV_IFINDEX_OFF - DEV_SPAN_START);
+        net = *(const char **)((char *)db + NETDEV_ND_NET_OFF - DEV_SPAN_START);
+    } else {
+        const char *sk = SKB_FIELD(const char *, sb, SKB_SK_OFF);
+        if (sk)
+            net = NW_READ(const char *, sk, SK_NET_OFF);
+    }
+    if (net)
+        key->netns = NW_READ(u32, net, NET_NS_INUM_OFF);
+}
+
+/* raw tracepoint skb:kfree_skb: TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...).
+ * A raw tracepoint gets the arguments as they are; a classic tracepoint would first fill its whole trace record
+ * on every drop. Reads of struct sk_buff go through BTF offsets, all of them with one bpf_probe_read_kernel of
+ * the span that covers them (SKB_SPAN_*, computed by user space). */
+int nw_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+    int reason = (int)ctx->args[2];
     if (reason == REASON_CONSUMED || reason == 0 /* SKB_NOT_DROPPED_YET */)
         return 0;
-
     u32 r = reason;
     u8 *ignored = ignored_reasons.lookup(&r);
     if (ignored && *ignored)
         return 0;
 
-    const void *skb = args->skbaddr;
+    const char *skb = (const char *)ctx->args[0];
+    u64 sb[SKB_SPAN_WORDS];
+    if (bpf_probe_read_kernel(sb, sizeof(sb), skb + SKB_SPAN_START))
+        return 0;
     struct drop_key key = {};
     key.reason = reason;
-    key.eth_proto = args->protocol;
-
-    struct nw_addrs a = {};
-    nw_skb_addrs(skb, key.eth_proto, &a);
-    __builtin_memcpy(key.saddr, a.saddr, 16);
-    __builtin_memcpy(key.daddr, a.daddr, 16);
-    key.family = a.family;
-    key.l4proto = a.l4proto;
-    if (a.family) {
-        struct nw_ct_orig ct = {};
-        nw_skb_ct_orig(skb, &a, &ct);
-        __builtin_memcpy(key.ct_daddr, ct.daddr, 16);
-        key.ct_dport = ct.dport;
-        key.ct_flags = ct.flags;
-    }
-
-    const void *dev = NW_READ(const void *, skb, SKB_DEV_OFF);
-    if (dev) {
-        key.ifindex = NW_READ(u32, dev, NETDEV_IFINDEX_OFF);
-        key.netns = nw_dev_netns(dev);
-    } else {
-        key.netns = nw_sock_netns(NW_READ(const void *, skb, SKB_SK_OFF));
-    }
+    key.eth_proto = bpf_ntohs(SKB_FIELD(u16, sb, SKB_PROTOCOL_OFF));
+    const char *ip = drop_ip_header(sb, &key);
+    if (ip)
+        drop_ct_orig(sb, &key);
+    drop_place(sb, &key);
 
     if (tail_admit())
-        tail_emit(skb, &key, (u64)args->location);
+        tail_emit(ip, &key, ctx->args[1]);
 
-    u32 len = NW_READ(u32, skb, SKB_LEN_OFF);
-    struct drop_val zero = {};
-    struct drop_val *val = drops.lookup_or_try_init(&key, &zero);
+    u32 len = SKB_FIELD(u32, sb, SKB_LEN_OFF);
+    struct drop_val *val = drops.lookup(&key);
     if (!val) {
-        int idx = 0;
-        u64 *lost = drops_overflow.lookup(&idx);
-        if (lost)
-            __sync_fetch_and_add(lost, 1);
-        return 0;
+        struct drop_val first = {.packets = 1, .bytes = len};
+        if (drops.insert(&key, &first) == 0) /* BPF_NOEXIST: another CPU may have made the key meanwhile */
+            return 0;
+        val = drops.lookup(&key); /* NULL: the map is full */
+        if (!val) {
+            int idx = 0;
+            u64 *lost = drops_overflow.lookup(&idx);
+            if (lost)
+                __sync_fetch_and_add(lost, 1);
+            return 0;
+        }
     }
     __sync_fetch_and_add(&val->packets, 1);
     __sync_fetch_and_add(&val->bytes, len);

@@ -181,13 +181,22 @@ BPF_ARRAY(ifaces, struct iface, TC_IFINDEX_MAX);
 BPF_HASH(ifaces_big, u64, struct iface, 4096); /* ifindex >= TC_IFINDEX_MAX */
 BPF_ARRAY(slot_addr, struct slot_addr, TC_SLOTS);
 BPF_ARRAY(overlay_ports, u64, 1024); /* bit (port & 63) of word (port >> 6), host-order port */
-BPF_PERCPU_ARRAY(volume, struct slot_vals, TC_SLOTS);
+BPF_ARRAY(volume, struct slot_vals, TC_SLOTS * TC_NCPUS); /* [slot * TC_NCPUS + cpu], see nw_cpu() */
 BPF_PERCPU_ARRAY(transit, struct nw_hist, NW_PATHS * NW_CLASSES);
-BPF_PERCPU_ARRAY(stamps, struct stamp, NW_STAMPS);
-BPF_PERCPU_ARRAY(mcache, struct mc_entry, NW_MCACHE);
-BPF_PERCPU_ARRAY(pcache, struct pc_entry, NW_MCACHE);
-BPF_PERCPU_ARRAY(sampler, u32, 1);
-BPF_PERCPU_ARRAY(ncache, u64, 256);
+/* Per-CPU scratch state as plain arrays with one region per CPU ([cpu * N + i], nw_cpu()), not PERCPU_ARRAYs:
+ * a per-CPU map value lives in vmalloc'ed per-CPU chunks, and reaching it cost ~40 ns more per lookup than an
+ * array value on our VMs (TLB misses on 4k pages; measured with empty programs side by side). */
+BPF_ARRAY(stamps, struct stamp, NW_STAMPS * TC_NCPUS);
+BPF_ARRAY(mcache, struct mc_entry, NW_MCACHE * TC_NCPUS);
+BPF_ARRAY(pcache, struct pc_entry, NW_MCACHE * TC_NCPUS);
+BPF_ARRAY(sampler, u64, 8 * TC_NCPUS); /* [cpu * 8]: one cache line per CPU */
+BPF_ARRAY(ncache, u64, 256 * TC_NCPUS);
+
+/* This CPU's region index; TC_NCPUS is a power of two >= the possible CPUs, so the mask only bounds it. */
+static __always_inline u32 nw_cpu(void)
+{
+    return bpf_get_smp_processor_id() & (TC_NCPUS - 1);
+}
 BPF_TABLE("lru_hash", struct nat_key, u8, nat_expect, TC_NAT_ENTRIES);
 
 /* Map lookups are fast only where the verifier can see which map a call uses (array lookups are then inlined,
@@ -294,7 +303,7 @@ static __always_inline u32 nw_hdrlen(struct __sk_buff *skb)
 static __always_inline u8 nw_membership(const u32 *addr, u8 family, u32 gen)
 {
     u32 h = family == NW_FAMILY_V4 ? addr[0] : addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
-    u32 idx = (h * 0x9E3779B1U) >> 24;
+    u32 idx = nw_cpu() * NW_MCACHE + ((h * 0x9E3779B1U) >> 24);
     struct mc_entry *e = mcache.lookup(&idx);
     if (!e)
         return 0;
@@ -325,7 +334,7 @@ static __always_inline u8 nw_class(struct pkt *p, u32 gen)
 {
     u32 h = p->saddr[0] ^ p->saddr[1] ^ p->saddr[2] ^ p->saddr[3] ^
             ((p->daddr[0] ^ p->daddr[1] ^ p->daddr[2] ^ p->daddr[3]) * 0x85EBCA6BU);
-    u32 pidx = (h * 0x9E3779B1U) >> 24;
+    u32 pidx = nw_cpu() * NW_MCACHE + ((h * 0x9E3779B1U) >> 24);
     struct pc_entry *e = pcache.lookup(&pidx);
     if (e && e->gen == gen && e->family == p->family && e->s[0] == p->saddr[0] && e->d[0] == p->daddr[0] &&
         (p->family == NW_FAMILY_V4 || (e->s[1] == p->saddr[1] && e->s[2] == p->saddr[2] && e->s[3] == p->saddr[3] &&
@@ -376,7 +385,8 @@ static __always_inline void nw_count(struct __sk_buff *skb, const struct pkt *p,
         nw_note_addr(slot, p, !at_egress);
     else
         slot = 0;
-    struct slot_vals *sv = volume.lookup(&slot);
+    u32 vidx = slot * TC_NCPUS + nw_cpu();
+    struct slot_vals *sv = volume.lookup(&vidx);
     if (!sv)
         return;
     struct tc_val *v = &sv->v[(NW_C_CLASS(c) * 2 + NW_C_INGRESS(c)) & (NW_SLOT_VALUES - 1)];
@@ -402,7 +412,7 @@ static __always_inline u64 nw_skb_id(struct __sk_buff *skb)
 
 static __always_inline u32 nw_stamp_slot(u64 id)
 {
-    return ((u32)(id >> 6) * 0x9E3779B1U) >> 24;
+    return nw_cpu() * NW_STAMPS + (((u32)(id >> 6) * 0x9E3779B1U) >> 24);
 }
 
 /* Time this packet? 1 in TC_TRANSIT_SAMPLE, at random: xorshift32 per CPU, no helper call
@@ -410,11 +420,11 @@ static __always_inline u32 nw_stamp_slot(u64 id)
 static __always_inline int nw_sampled(void)
 {
 #if TC_TRANSIT_SAMPLE > 1
-    int zero = 0;
-    u32 *rng = sampler.lookup(&zero);
+    u32 idx = nw_cpu() * 8;
+    u64 *rng = sampler.lookup(&idx);
     if (!rng)
         return 0;
-    u32 x = *rng ? *rng : 2463534242U;
+    u32 x = *rng ? (u32)*rng : 2463534242U;
     x ^= x << 13;
     x ^= x >> 17;
     x ^= x << 5;
@@ -630,7 +640,7 @@ static __always_inline void nw_expect_reply(const struct pkt *p)
     for (int i = 0; i < 4; i++)
         h = (h ^ k.remote[i] ^ ((u64)k.local[i] << 32)) * 0x9E3779B97F4A7C15ULL;
     h = (h ^ k.rport ^ ((u64)k.lport << 16) ^ ((u64)k.proto << 32)) * 0x9E3779B97F4A7C15ULL;
-    u32 idx = h >> 56;
+    u32 idx = nw_cpu() * 256 + (u32)(h >> 56);
     u64 *memo = ncache.lookup(&idx);
     if (memo && *memo == h)
         return;

@@ -267,10 +267,18 @@ def probe_rates(first: list[dict], second: list[dict], seconds: float) -> list[d
             if cnt < o_cnt or t < o_t:
                 o_cnt, o_t = 0, 0
             d_cnt, d_t = cnt - o_cnt, t - o_t
+            measured = g.get("events_per_second_measured")
+            if measured is not None and g.get("ns_per_run") is not None:
+                # the daemon measures in short stats windows: its last window is the freshest figure
+                rate, per = float(measured), float(g["ns_per_run"])
+                d_cnt, d_t = rate * seconds, rate * seconds * per
+            else:
+                rate = d_cnt / seconds if seconds > 0 else None
+                per = round(d_t / d_cnt, 1) if d_cnt else g.get("ns_per_run")
             runs, ns = runs + d_cnt, ns + d_t
-            any_stats = any_stats or t > 0 or cnt > 0
-            progs.append({**g, "events_per_second": round(d_cnt / seconds, 3) if seconds > 0 else None,
-                          "ns_per_event": round(d_t / d_cnt, 1) if d_cnt else g.get("ns_per_run")})
+            any_stats = any_stats or t > 0 or cnt > 0 or measured is not None
+            progs.append({**g, "events_per_second": round(rate, 3) if rate is not None else None,
+                          "ns_per_event": per})
         cum_cnt = sum(g.get("run_cnt", 0) for g in p.get("programs", []))
         cum_t = sum(g.get("run_time_ns", 0) for g in p.get("programs", []))
         out.append({

@@ -29,10 +29,10 @@ from netwatchd.identity.local import StandaloneResolver, host_addresses, own_net
 from netwatchd.identity.manager import IdentityManager, default_node_name
 from netwatchd.identity.resolver import KubeResolver
 from netwatchd.kernel import env, hooks
-from netwatchd.kernel.bpfstats import enable_run_time_stats
+from netwatchd.kernel.bpfstats import StatsSampler
 from netwatchd.kernel.hooks import HookStatus
 from netwatchd.probes import loader, registry
-from netwatchd.probes.base import ProbeContext
+from netwatchd.probes.base import ProbeContext, program_fds
 
 HOST_ADDRESSES_EVERY_S = 5.0  # how often the node's own addresses are re-read
 CATCH_UP_EVERY_S = 0.02  # pause between steps of labelling a burst of new keys (scrapes get the lock in between)
@@ -48,6 +48,7 @@ class DaemonState:
     probe_errors: dict[str, str] = field(default_factory=dict)
     identity_source: str = "standalone"
     identity: object | None = None  # IdentityManager when Kubernetes sources are configured
+    bpf_stats: StatsSampler | None = None  # None with --no-bpf-stats
     ready: bool = False
 
 
@@ -112,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-drop-reasons", default="",
                    help="comma-separated kernel drop reasons not to count (e.g. NOT_SPECIFIED); default none")
     p.add_argument("--no-bpf-stats", action="store_true",
-                   help="do not enable kernel BPF run-time stats (netwatch_bpf_program_* and `netwatchctl probes`)")
+                   help="never enable kernel BPF run-time stats (netwatch_bpf_program_* and `netwatchctl probes`)")
+    p.add_argument("--bpf-stats-window", type=float, default=1.0,
+                   help="seconds kernel BPF run-time stats stay on in each measuring window (default %(default)s)")
+    p.add_argument("--bpf-stats-every", type=float, default=60.0,
+                   help="seconds from one measuring window to the next; stats cost two clock reads per run of "
+                        "every BPF program on the node while on (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -134,7 +140,6 @@ class Daemon:
         )
         self.resolver = StandaloneResolver()
         self.identity: IdentityManager | None = None
-        self.stats_fd: int | None = None
         self.probes = registry.build([n.strip() for n in args.probes.split(",") if n.strip()])
         self.state.probes = self.probes
         self.lock = threading.Lock()
@@ -244,7 +249,8 @@ class Daemon:
             for probe in self.probes:
                 missing = [f"{h.kind} {h.target}" for h in probe.hooks
                            if h.kind not in available
-                           or (h.kind == "tracepoint" and not hooks.tracepoint_exists(self.tracefs, h.target))]
+                           or (h.kind in ("tracepoint", "raw_tracepoint")
+                               and not hooks.tracepoint_exists(self.tracefs, h.target))]
                 if missing:
                     results[probe.name] = (False, f"missing hook: {', '.join(missing)}")
                 else:
@@ -343,10 +349,6 @@ class Daemon:
         started = time.monotonic()
         server = MetricsServer(self.args.listen, registry_, self.ready,
                                api=lambda path, query: api.handle(path, self.state, started, query))
-        if not self.args.no_bpf_stats:
-            self.stats_fd = enable_run_time_stats()
-            if self.stats_fd is None:
-                self.log.warning("bpf_stats_unavailable", detail="BPF_ENABLE_STATS refused; no per-program cost")
         try:
             identity = self.start_identity()
             self.attach_probes()
@@ -354,6 +356,7 @@ class Daemon:
             self.join_identity(identity)
             self.release_start_up_memory()
             server.start()
+            self.start_bpf_stats()
             self.state.ready = True
             threading.Thread(target=self.detect_fentry, name="detect-fentry", daemon=True).start()
             host, port = server.address
@@ -364,10 +367,24 @@ class Daemon:
             server.close()
             if self.identity:
                 self.identity.stop()
+            self.stop.set()  # ends the stats windows (one in progress closes its fd)
             self.detach_all()
-            if self.stats_fd is not None:
-                os.close(self.stats_fd)
         return 0
+
+    def attached_programs(self) -> dict[tuple[str, str], int]:
+        """(probe, program) -> fd of every attached probe's BPF programs."""
+        with self.lock:
+            probes = [p for p in self.probes if p.name not in self.state.probe_errors]
+        return {(p.name, name): fd for p in probes for name, fd in program_fds(p).items()}
+
+    def start_bpf_stats(self) -> None:
+        """Measure our programs' cost in short windows (StatsSampler), unless --no-bpf-stats."""
+        a = self.args
+        if a.no_bpf_stats or a.bpf_stats_window <= 0:
+            return
+        sampler = StatsSampler(self.attached_programs, window_s=a.bpf_stats_window, every_s=a.bpf_stats_every)
+        self.state.bpf_stats = sampler
+        sampler.start(self.stop, first_after_s=min(5.0, a.bpf_stats_every))
 
     def release_start_up_memory(self) -> None:
         """Start-up needed the parsed kernel BTF (~10 MiB) and built many short-lived objects; the daemon runs

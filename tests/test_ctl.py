@@ -51,6 +51,7 @@ from netwatchd.export.histogram import DEFAULT_BOUNDS_S, quantile
 
 REPO = Path(__file__).resolve().parent.parent
 NETWATCHCTL = [sys.executable, "-m", "netwatchd.ctl"]
+STATS_WINDOWS = ["--bpf-stats-window", "1", "--bpf-stats-every", "2"]
 DROP_LABELS = ("reason", "protocol", "traffic_class", "direction", "namespace", "pod", "service_namespace", "service")
 SOCK_LABELS = ("traffic_class", "direction", "namespace", "pod", "service_namespace", "service")
 
@@ -817,7 +818,8 @@ class CtlLab:
                          "-j", "DROP")
         assert ping(self.web, self.db.ip) == 1  # neighbours resolved: every datagram reaches FORWARD
         self.start_netwatchd = start_netwatchd
-        self.daemon = start_netwatchd(self.cluster.netwatchd_args(), netns=self.n1.netns)
+        # stats windows of 1 s every 2 s, so `netwatchctl probes` sees the load a test just started
+        self.daemon = start_netwatchd([*self.cluster.netwatchd_args(), *STATS_WINDOWS], netns=self.n1.netns)
         self.wait_identity()
 
     @property
@@ -838,7 +840,8 @@ class CtlLab:
         """Stop netwatchd and start it again on the same port."""
         port = self.daemon.port
         assert self.daemon.stop() == 0
-        self.daemon = self.start_netwatchd([*self.cluster.netwatchd_args(), "--listen", f"127.0.0.1:{port}"],
+        self.daemon = self.start_netwatchd([*self.cluster.netwatchd_args(), *STATS_WINDOWS,
+                                            "--listen", f"127.0.0.1:{port}"],
                                            netns=self.n1.netns)
 
     def ctl(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -970,6 +973,7 @@ def test_real_probes_json_counts_events(env):
 
     load = start_load(env.web, [("udp", env.db.ip, 7777)], interval=0.02)
     try:
+        time.sleep(2.5)  # a whole stats window (STATS_WINDOWS) under load
         res = env.ctl("probes", "--once", "-o", "json", "--interval", "1")
     finally:
         load.kill()
@@ -977,7 +981,7 @@ def test_real_probes_json_counts_events(env):
     probes = {p["probe"]: p for p in json_of(res)}
     drops = probes["drops"]
     assert drops["attached"] is True and drops["reason"] == ""
-    assert "tracepoint:skb:kfree_skb" in drops["hooks"]
+    assert "raw_tracepoint:skb:kfree_skb" in drops["hooks"]
     assert drops["events_per_second"] >= 20  # at least our ~50 dropped datagrams per second
     assert drops["bpf_stats"] is True and drops["ns_per_event"] > 0
     assert drops["programs"] and all(g["prog_id"] > 0 for g in drops["programs"])

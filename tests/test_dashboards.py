@@ -327,7 +327,9 @@ def env():
         cluster.add_service(NS, "closed", *SVC_REFUSED, [(web, 9)])
         n1.run(["ip", "route", "add", "blackhole", f"{dead.ip}/32"])
 
-        daemon = start_netwatchd([*cluster.netwatchd_args(), "--identity-interval", "1"], netns=n1.netns)
+        # stats windows every 2 s, so the self-health cost panels have data within the test's time range
+        daemon = start_netwatchd([*cluster.netwatchd_args(), "--identity-interval", "1", "--bpf-stats-window", "1",
+                                  "--bpf-stats-every", "2"], netns=n1.netns)
         prom = Prometheus(n1, daemon.port)
         prom.wait_scraped()
 

@@ -39,7 +39,7 @@ from netwatchd.identity.apiserver import (
     service_addresses,
     service_node_ports,
 )
-from netwatchd.identity.kubelet import IdentityError, KubeletClient, LocalPod, parse_pod_list
+from netwatchd.identity.kubelet import IdentityError, KubeletClient, LocalPod, PodListParser, parse_pod_list
 from netwatchd.identity.local import NODE, PodRef
 from netwatchd.identity.netns import PodNetns, in_netns, list_netns, map_pods_to_netns
 from netwatchd.identity.resolver import KubeResolver
@@ -151,6 +151,26 @@ def test_parse_pod_list_malformed(body: str, fragment: str) -> None:
     with pytest.raises(IdentityError) as ei:
         parse_pod_list(body)
     assert ei.value.kind == "malformed" and fragment in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_pod_list_parser_parses_only_new_items() -> None:
+    """Unchanged pods (same JSON, in any order) are not parsed through the models again; changed ones are."""
+    parser = PodListParser()
+    first = parser.parse(json.dumps(POD_LIST).encode())
+    assert parser.parsed == 6 and len(first) == 6
+    assert parser.parse(json.dumps(POD_LIST).encode()) == first and parser.parsed == 6  # byte-identical
+    shuffled = pod_list(*reversed(POD_LIST["items"]))  # the real kubelet lists pods in no fixed order
+    again = parser.parse(json.dumps(shuffled))
+    assert [p.name for p in again] == [p.name for p in reversed(first)] and parser.parsed == 6
+    assert all(a is b for a, b in zip(again, reversed(first), strict=True))  # the very same objects
+    moved = copy.deepcopy(POD_LIST)
+    moved["items"][4]["status"]["podIPs"] = [{"ip": "10.244.1.99"}]
+    changed = {p.name: p for p in parser.parse(json.dumps(moved))}
+    assert parser.parsed == 7 and changed["bare"].ips == (ip("10.244.1.99"),)
+    with pytest.raises(IdentityError):
+        parser.parse(b"garbage")
+    assert parser.parse(json.dumps(moved)) and parser.parsed == 7  # a failure keeps the last good items
+    parser.close()
 
 
 def test_parse_empty_pod_list() -> None:
@@ -854,6 +874,17 @@ def test_resolver_services() -> None:
     assert r.service_for_nodeport(30080, 6) == ("shop", "front") and r.service_for_nodeport(30080, 17) is None
 
 
+def test_a_pod_pool_outside_every_node_podcidr_stays_a_pod_address() -> None:
+    """Calico-style node: --cluster-cidr is the IP pool; the Nodes' podCIDRs (if any) do not cover it."""
+    from netwatchd.classify import classify
+
+    view = ClusterView(cluster_cidrs=parse_cidrs(["192.168.0.0/16"]), service_cidrs=parse_cidrs(["10.96.0.0/12"]))
+    r, _ = _resolver()  # its Nodes list 10.244.x podCIDRs
+    r.apply_to_view(view)
+    att = classify(view, ip("10.244.1.5"), ip("192.168.7.9"))  # local pod to a pod from the pool on another node
+    assert att.traffic_class == "pod_to_pod_remote"
+
+
 def test_resolver_apply_to_view() -> None:
     flags = parse_cidrs(["10.244.0.0/16"])
     view = ClusterView(cluster_cidrs=flags, node_pod_cidrs=parse_cidrs(["10.244.1.0/24"]),
@@ -865,7 +896,8 @@ def test_resolver_apply_to_view() -> None:
     r2.apply_to_view(view)
     assert view.local_pod_ips == {ip("10.244.1.5"), ip("fd00:10:244:1::5"), ip("10.244.1.6"), ip("10.244.1.7"),
                                   ip("10.244.1.8")}
-    assert view.cluster_cidrs == parse_cidrs(["10.244.1.0/24,fd00:10:244:1::/64,10.244.2.0/24"])
+    # the flag's pool stays next to the Nodes' podCIDRs (a Calico IP pool is in no Node's spec.podCIDRs)
+    assert view.cluster_cidrs == parse_cidrs(["10.244.0.0/16,10.244.1.0/24,fd00:10:244:1::/64,10.244.2.0/24"])
     assert ip("198.51.100.10") in view.service_ips and ip("203.0.113.2") in view.node_ips
     assert view.service_cidrs == parse_cidrs(["10.96.0.0/12"])
     # the apiserver later reports no podCIDRs: back to the flag values, not the previous API values

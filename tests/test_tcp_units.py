@@ -271,8 +271,9 @@ def test_refresh_counts_and_evicts_only_idle_keys_when_full():
     assert probe.map_stats()["tcp_socks"].capacity == probe.socket_entries
 
 
-def test_hooks_are_tracepoints_only():
-    assert {h.kind for h in TcpProbe.hooks} == {"tracepoint"}
+def test_hooks_are_raw_tracepoints_only():
+    # raw: a classic tracepoint fills its whole record on every received segment (tcp_probe) before we run
+    assert {h.kind for h in TcpProbe.hooks} == {"raw_tracepoint"}
     assert "tcp:tcp_send_reset" not in {h.target for h in TcpProbe.hooks}  # enum sk_rst_reason: not in 6.1 headers
 
 

@@ -19,14 +19,24 @@ from netwatchd.kernel.bpfstats import prog_stats
 from netwatchd.probes.base import program_fds
 
 
-def probe_programs(probe) -> list[dict]:
+def probe_programs(probe, sampler=None) -> list[dict]:
+    """Each loaded program of a probe with its cost as the stats windows estimated it (see StatsSampler):
+    run_cnt / run_time_ns are scaled estimates since load, ns_per_run is the last window's cost per event."""
+    estimates = sampler.snapshot() if sampler is not None else {}
     out = []
     for name, fd in sorted(program_fds(probe).items()):
         st = prog_stats(fd)
         if st is None:
             continue
-        out.append({"program": name, "prog_id": st.prog_id, "run_cnt": st.run_cnt, "run_time_ns": st.run_time_ns,
-                    "ns_per_run": round(st.ns_per_run, 1) if st.ns_per_run is not None else None})
+        est = estimates.get((probe.name, name))
+        if est is None or est.prog_id != st.prog_id:
+            out.append({"program": name, "prog_id": st.prog_id, "run_cnt": 0, "run_time_ns": 0, "ns_per_run": None,
+                        "events_per_second_measured": None})
+            continue
+        out.append({"program": name, "prog_id": st.prog_id, "run_cnt": round(est.runs),
+                    "run_time_ns": round(est.run_time_ns),
+                    "ns_per_run": round(est.last_ns_per_run, 1) if est.last_ns_per_run is not None else None,
+                    "events_per_second_measured": round(est.last_runs_per_s, 3)})
     return out
 
 
@@ -39,7 +49,7 @@ def probes_doc(state) -> list[dict]:
             "attached": attached,
             "reason": state.probe_errors.get(probe.name, ""),
             "hooks": [f"{h.kind}:{h.target}" for h in probe.hooks],
-            "programs": probe_programs(probe) if attached else [],
+            "programs": probe_programs(probe, getattr(state, "bpf_stats", None)) if attached else [],
         })
     return docs
 

@@ -14,8 +14,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 import netwatchd
-from netwatchd.kernel.bpfstats import prog_stats
-from netwatchd.probes.base import program_fds
 
 
 @dataclass(frozen=True)
@@ -62,10 +60,12 @@ IDENTITY_ERRORS = MetricSpec("netwatch_identity_errors", "counter",
                              "Failed identity requests by source (kubelet, apiserver) and kind (unreachable, timeout, "
                              "unauthorized, malformed, http_error, watch_interrupted).", ("source", "kind"))
 PROG_RUNS = MetricSpec("netwatch_bpf_program_runs", "counter",
-                       "Times each of netwatchd's BPF programs ran (kernel BPF stats).", ("probe", "program"))
+                       "Times each of netwatchd's BPF programs ran: an estimate, kernel BPF stats measured in "
+                       "short windows (--bpf-stats-window every --bpf-stats-every) and scaled.", ("probe", "program"))
 PROG_RUN_SECONDS = MetricSpec("netwatch_bpf_program_run_seconds", "counter",
-                              "Kernel time spent in each of netwatchd's BPF programs (kernel BPF stats); "
-                              "divide by runs for the cost per event.", ("probe", "program"))
+                              "Kernel time spent in each of netwatchd's BPF programs, estimated like "
+                              "netwatch_bpf_program_runs; divide the two rates for the cost per event.",
+                              ("probe", "program"))
 BUILD_INFO = MetricSpec("netwatch_build", "info", "netwatchd version and data sources.",
                         ("version", "identity"))
 
@@ -119,12 +119,12 @@ class NetwatchCollector(Collector):
         yield from (entries, capacity, overflow, evictions, folded)
 
         runs, run_s = family(PROG_RUNS), family(PROG_RUN_SECONDS)
-        for probe in attached:
-            for name, fd in sorted(program_fds(probe).items()):
-                ps = prog_stats(fd)
-                if ps is not None:
-                    runs.add_metric([probe.name, name], ps.run_cnt)
-                    run_s.add_metric([probe.name, name], ps.run_time_ns / 1e9)
+        if st.bpf_stats is not None:
+            live = {p.name for p in attached}
+            for (probe, program), est in sorted(st.bpf_stats.snapshot().items()):
+                if probe in live:
+                    runs.add_metric([probe, program], est.runs)
+                    run_s.add_metric([probe, program], est.run_time_ns / 1e9)
         yield from (runs, run_s)
 
         up, pods, errors = family(IDENTITY_UP), family(IDENTITY_PODS), family(IDENTITY_ERRORS)

@@ -31,15 +31,15 @@ def own_netns_inode() -> int:
 
 
 def host_addresses() -> frozenset[IPAddress]:
-    """Every address configured in our network namespace (pyroute2), loopback included."""
-    from pyroute2 import IPRoute
+    """Every address configured in our network namespace (rtnetlink), loopback included."""
+    from netwatchd.identity.rtnl import IFA_ADDRESS, IFA_LOCAL, Rtnl
 
     out: set[IPAddress] = set()
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-            if addr:
-                out.add(ipaddress.ip_address(addr.split("%")[0]))
+    with Rtnl() as rt:
+        for _, _, attrs in rt.addresses():
+            raw = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
+            if raw and len(raw) in (4, 16):
+                out.add(ipaddress.ip_address(raw))
     return frozenset(out)
 
 

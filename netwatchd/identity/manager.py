@@ -110,6 +110,8 @@ class IdentityManager:
             self._thread.join(5)
         if self.watcher is not None:
             self.watcher.stop()
+        if not self._thread.is_alive():  # a refresh still running would reopen them
+            self.resolver.close()
 
     # -- apiserver ------------------------------------------------------------------------------------
 

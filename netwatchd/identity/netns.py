@@ -21,6 +21,11 @@ How :func:`map_pods_to_netns` finds the mapping, for the netns the calling threa
    The host veth is the one whose peer is the interface holding the pod IP, else any veth into that netns.
 4. hostNetwork pods map to the netns netwatchd runs in (the node's); no host veth.
 
+That is a full scan, every call. The daemon maps through :class:`netwatchd.identity.netnscache.NetnsCache`,
+which gives the same answers from the same steps (:func:`scan_for_ips`) but re-scans only the pods and
+namespaces that may have changed. The kernel is asked through :mod:`netwatchd.identity.rtnl` (raw
+rtnetlink), one socket per netns read.
+
 How it fails: a Running pod whose IP is in no netns maps to inode 0 (logged once per pod, until it maps
 again); a pod without IPs yet, or already finished, maps to inode 0 silently; a netns that vanishes
 mid-scan (pod deleted, process exited) is skipped; a pod netns with no veth into our netns has no host veth
@@ -32,16 +37,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
 from netwatchd.classify import IPAddress
+from netwatchd.identity.rtnl import Rtnl
 
 if TYPE_CHECKING:
     from netwatchd.identity.kubelet import LocalPod
@@ -50,7 +55,6 @@ CLONE_NEWNET = 0x40000000
 RUN_DIRS = ("/run/netns", "/var/run/netns")
 # The calling thread's own netns: setns() moves one thread, so /proc/self (the main thread) can be wrong.
 THREAD_NETNS = "/proc/thread-self/ns/net"
-_NSID_UNASSIGNED = (-1, 0xFFFFFFFF)  # NETNSA_NSID_NOT_ASSIGNED, as s32 or as pyroute2's u32
 
 log = structlog.get_logger("netwatchd.identity")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -139,30 +143,20 @@ def list_netns(proc: str = "/proc", run_dirs: Iterable[str] = RUN_DIRS) -> dict[
     return out
 
 
-def _dump_addresses(ipr) -> dict[IPAddress, int]:
-    """{address: ifindex} of one netns, without loopback and link-local (never pod IPs)."""
+def read_addresses(path: str) -> dict[IPAddress, int]:
+    """{address: ifindex} of netns ``path``, without loopback and link-local (never pod IPs). OSError if gone."""
     out: dict[IPAddress, int] = {}
-    for msg in ipr.get_addr():
+    with in_netns(path), Rtnl() as rt:  # the socket is created inside the netns, so it asks that one
         # IFA_LOCAL is the local end on point-to-point links; IPv6 only carries IFA_ADDRESS.
-        raw = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if not raw:
-            continue
-        ip = ipaddress.ip_address(raw.split("%")[0])
-        if not (ip.is_loopback or ip.is_link_local):
-            out.setdefault(ip, msg["index"])
+        for ip, ifindex, _ in rt.addresses():
+            if not (ip.is_loopback or ip.is_link_local):
+                out.setdefault(ip, ifindex)
     return out
-
-
-def _addresses_in(path: str) -> dict[IPAddress, int]:
-    from pyroute2 import IPRoute
-
-    with in_netns(path), IPRoute() as ipr:  # the whole dump stays on this thread, inside the netns
-        return _dump_addresses(ipr)
 
 
 def netns_addresses(path: str) -> set[IPAddress]:
     """Addresses configured in netns ``path`` (loopback and link-local skipped). OSError if it is gone."""
-    return set(_addresses_in(path))
+    return set(read_addresses(path))
 
 
 @dataclass(frozen=True)
@@ -175,43 +169,33 @@ class VethInfo:
     peer_ifindex: int
 
 
-def _veths(ipr) -> dict[int, VethInfo]:
-    out: dict[int, VethInfo] = {}
-    for link in ipr.get_links():
-        info = link.get_attr("IFLA_LINKINFO")
-        if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
-            continue
-        nsid = link.get_attr("IFLA_LINK_NETNSID")
-        out[link["index"]] = VethInfo(
-            name=link.get_attr("IFLA_IFNAME") or "",
-            ifindex=link["index"],
-            peer_netnsid=None if nsid is None or nsid in _NSID_UNASSIGNED else int(nsid),
-            peer_ifindex=int(link.get_attr("IFLA_LINK") or 0),
-        )
-    return out
+def veths_of(rt: Rtnl) -> dict[int, VethInfo]:
+    """{ifindex: VethInfo} for every veth of the netns ``rt`` talks to."""
+    return {
+        link.index: VethInfo(link.name, link.index, link.link_netnsid if (link.link_netnsid or 0) >= 0 else None,
+                             link.link)
+        for link in rt.links() if link.kind == "veth"
+    }
 
 
 def host_veths() -> dict[int, VethInfo]:
     """{ifindex: VethInfo} for every veth in the calling thread's netns (the node's: the "host" ends)."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return _veths(ipr)
+    with Rtnl() as rt:
+        return veths_of(rt)
 
 
-def _nsid(ipr, path: str) -> int | None:
+def nsid_via(rt: Rtnl, path: str) -> int | None:
+    """The nsid the netns of ``rt`` assigned to netns ``path``; None when none is, or ``path`` is gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        reply = ipr.get_netnsid(fd=fd)
-    except Exception:  # netlink error for a netns that died between open and query: treat as unknown
+        return rt.nsid(fd)
+    except OSError:  # not a netns (any more), or it died between open and query: treat as unknown
         return None
     finally:
         os.close(fd)
-    nsid = (reply or {}).get("nsid")
-    return None if nsid is None or nsid in _NSID_UNASSIGNED else int(nsid)
 
 
 def netnsid_of(path: str) -> int | None:
@@ -220,10 +204,8 @@ def netnsid_of(path: str) -> int | None:
     The kernel assigns one when a veth (or other cross-netns link) connects the two, so a veth's
     ``peer_netnsid`` can be matched to a netns inode this way. Querying never allocates an id.
     """
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return _nsid(ipr, path)
+    with Rtnl() as rt:
+        return nsid_via(rt, path)
 
 
 @dataclass(frozen=True)
@@ -239,7 +221,7 @@ class PodNetns:
 UNMAPPED = PodNetns(0)
 
 
-def _pick_veth(veths: Iterable[VethInfo], nsid: int | None, peer_ifindex: int) -> VethInfo | None:
+def pick_veth(veths: Iterable[VethInfo], nsid: int | None, peer_ifindex: int) -> VethInfo | None:
     if nsid is None:
         return None
     into = sorted((v for v in veths if v.peer_netnsid == nsid), key=lambda v: v.ifindex)
@@ -249,56 +231,99 @@ def _pick_veth(veths: Iterable[VethInfo], nsid: int | None, peer_ifindex: int) -
     return into[0] if into else None
 
 
+PodKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Where a wanted pod IP was found: a netns, the interface holding the IP there, and how we reach it."""
+
+    inode: int
+    path: str
+    ifindex: int  # inside that netns: the pod end of its veth, when it has one
+    connected: bool  # a veth of our netns has its peer there
+    nsid: int | None  # the id our netns assigned to that netns (None: none assigned)
+
+    def mapping(self, veths: Iterable[VethInfo]) -> PodNetns:
+        """The PodNetns of this hit, with the host veth picked among ``veths`` (our netns' veths)."""
+        veth = pick_veth(veths, self.nsid, self.ifindex)
+        return PodNetns(self.inode, self.path, veth.name if veth else "", veth.ifindex if veth else 0)
+
+
+def owned_ips(pods: Iterable[LocalPod]) -> dict[PodKey, tuple[IPAddress, ...]]:
+    """The IPs each non-hostNetwork pod is looked up by: an IP listed by two pods belongs to the first."""
+    owner: dict[IPAddress, PodKey] = {}
+    out: dict[PodKey, tuple[IPAddress, ...]] = {}
+    for pod in pods:
+        if pod.host_network:
+            continue
+        key = (pod.namespace, pod.name)
+        out[key] = tuple(ip for ip in pod.ips if owner.setdefault(ip, key) == key)
+    return out
+
+
+def peer_nsids(veths: Iterable[VethInfo]) -> set[int]:
+    """The nsids of the namespaces our veths lead to."""
+    return {v.peer_netnsid for v in veths if v.peer_netnsid is not None}
+
+
+def scan_for_ips(rt: Rtnl, namespaces: Mapping[int, str], wanted: Mapping[IPAddress, PodKey], connected_nsids: set[int],
+                 wide: Collection[PodKey] | None = None,
+                 read: Callable[[str], dict[IPAddress, int]] = read_addresses) -> dict[PodKey, Hit]:
+    """Enter ``namespaces`` ({inode: path}) and find which one holds each ``wanted`` IP.
+
+    Namespaces connected to ours by a veth (nsid in ``connected_nsids``) are read first and win over others
+    holding the same IP. The others are read only while some pod of ``wide`` (default: every wanted pod) is
+    not found in a connected one: reading every netns of the node is the expensive part. ``rt`` (our netns)
+    answers the nsid queries; ``read`` enters a netns and returns {address: ifindex} (OSError: it is gone).
+    """
+    wide = set(wanted.values()) if wide is None else set(wide)
+    nsids = {ino: nsid_via(rt, path) for ino, path in namespaces.items()}
+    connected = [ino for ino, nsid in nsids.items() if nsid in connected_nsids]
+    others = [ino for ino, nsid in nsids.items() if nsid not in connected_nsids]
+    best: dict[PodKey, Hit] = {}
+    for is_connected, group in ((True, connected), (False, others)):
+        if not is_connected and all(k in best and best[k].connected for k in wide):
+            break  # every pod that may be searched for widely is already found in a veth-connected netns
+        for ino in group:
+            try:
+                addrs = read(namespaces[ino])
+            except OSError:
+                continue  # vanished mid-scan
+            for ip, ifindex in addrs.items():
+                key = wanted.get(ip)
+                if key is not None and (key not in best or (is_connected and not best[key].connected)):
+                    best[key] = Hit(ino, namespaces[ino], ifindex, is_connected, nsids[ino])
+    return best
+
+
 def map_pods_to_netns(
     pods: Iterable[LocalPod], proc: str = "/proc", run_dirs: Iterable[str] = RUN_DIRS
-) -> dict[tuple[str, str], PodNetns]:
-    """{(namespace, name): PodNetns} for ``pods``, seen from the calling thread's netns (see module doc)."""
-    from pyroute2 import IPRoute
+) -> dict[PodKey, PodNetns]:
+    """{(namespace, name): PodNetns} for ``pods``, seen from the calling thread's netns (see module doc).
 
+    A full scan every call; :class:`netwatchd.identity.netnscache.NetnsCache` gives the same answers and
+    re-scans only what may have changed.
+    """
     pods = list(pods)
     own = current_netns_inode()
     namespaces = list_netns(proc, run_dirs)
-    result: dict[tuple[str, str], PodNetns] = {}
-    wanted: dict[IPAddress, tuple[str, str]] = {}
-    for pod in pods:
-        key = (pod.namespace, pod.name)
-        if pod.host_network:
-            result[key] = PodNetns(own, namespaces.get(own, ""))
-        else:
-            result[key] = UNMAPPED
-            for ip in pod.ips:
-                wanted.setdefault(ip, key)
-
+    owned = owned_ips(pods)
+    result = {(p.namespace, p.name): PodNetns(own, namespaces.get(own, "")) if p.host_network else UNMAPPED
+              for p in pods}
+    wanted = {ip: key for key, ips in owned.items() for ip in ips}
     if wanted:
-        with IPRoute() as ipr:
-            veths = list(_veths(ipr).values())
-            peer_nsids = {v.peer_netnsid for v in veths if v.peer_netnsid is not None}
-            nsids = {ino: _nsid(ipr, path) for ino, path in namespaces.items() if ino != own}
-        connected = [ino for ino, nsid in nsids.items() if nsid in peer_nsids]
-        others = [ino for ino, nsid in nsids.items() if nsid not in peer_nsids]
-        # best[key] = (connected?, inode, ifindex of the interface holding the IP)
-        best: dict[tuple[str, str], tuple[bool, int, int]] = {}
-        for is_connected, group in ((True, connected), (False, others)):
-            if group is others and all(best.get(k, (False,))[0] for k in set(wanted.values())):
-                break  # every pod already found in a veth-connected netns: skip entering the rest
-            for ino in group:
-                try:
-                    addrs = _addresses_in(namespaces[ino])
-                except OSError:
-                    continue  # vanished mid-scan
-                for ip, ifindex in addrs.items():
-                    key = wanted.get(ip)
-                    if key is not None and (key not in best or (is_connected and not best[key][0])):
-                        best[key] = (is_connected, ino, ifindex)
-        for key, (_, ino, ifindex) in best.items():
-            veth = _pick_veth(veths, nsids.get(ino), ifindex)
-            result[key] = PodNetns(ino, namespaces[ino], veth.name if veth else "", veth.ifindex if veth else 0)
-
-    _log_unmapped(pods, result)
+        with Rtnl() as rt:
+            veths = list(veths_of(rt).values())
+            others = {ino: path for ino, path in namespaces.items() if ino != own}
+            hits = scan_for_ips(rt, others, wanted, peer_nsids(veths))
+        for key, hit in hits.items():
+            result[key] = hit.mapping(veths)
+    log_unmapped(pods, result)
     return result
 
 
-def _log_unmapped(pods: list[LocalPod], result: dict[tuple[str, str], PodNetns]) -> None:
+def log_unmapped(pods: list[LocalPod], result: Mapping[PodKey, PodNetns]) -> None:
     """Log each Running pod whose IP is in no netns once (until it maps again), not once per scan."""
     missing = {
         (p.namespace, p.name): p

@@ -1,7 +1,8 @@
 """KubeResolver: the Resolver the pipeline asks "which local pod is this address / network namespace?".
 
 It combines three sources, each replaced whole when it refreshes: the kubelet's local pods, the pod ->
-netns map (identity.netns), and the apiserver's ClusterSnapshot (Services, Nodes). Every update builds new
+netns map (identity.netnscache: re-scanned only where something changed), and the apiserver's
+ClusterSnapshot (Services, Nodes). Every update builds new
 immutable lookup tables and swaps them in with one assignment, so readers (the pipeline, on any thread)
 never lock and never see a half-built table. A pod that disappears from the kubelet's list stops resolving
 at the next update; the pipeline, not the resolver, decides how long to keep counting under its old name.
@@ -19,7 +20,8 @@ from netwatchd.classify import ClusterView, IPAddress
 from netwatchd.identity.apiserver import ClusterSnapshot, ServiceKey, normalize_proto
 from netwatchd.identity.kubelet import KubeletClient, LocalPod
 from netwatchd.identity.local import NODE, PodRef, own_netns_inode
-from netwatchd.identity.netns import PodNetns, map_pods_to_netns
+from netwatchd.identity.netns import PodNetns
+from netwatchd.identity.netnscache import NetnsCache
 
 # A finished pod's IP goes back to the CNI pool and may already belong to a new pod.
 _FINISHED = ("Succeeded", "Failed")
@@ -73,9 +75,10 @@ class KubeResolver:
     # A local pod address (in this node's pod CIDR) the kubelet has not listed (yet, or it is down).
     unknown_pod = PodRef("", "unknown")
 
-    def __init__(self, node_netns_inode: int | None = None) -> None:
+    def __init__(self, node_netns_inode: int | None = None, netns_cache: NetnsCache | None = None) -> None:
         # The node's own netns: a socket there belongs to the node (or a hostNetwork pod: unattributable).
         self.node_netns_inode = node_netns_inode if node_netns_inode is not None else own_netns_inode()
+        self.netns_cache = netns_cache or NetnsCache()
         self._pods = _Pods()
         self._cluster = ClusterSnapshot()
         self._lock = threading.Lock()  # serialises writers; readers use the swapped-in snapshots
@@ -101,8 +104,12 @@ class KubeResolver:
         Raises IdentityError when the kubelet fails; the last good pods are kept in that case.
         """
         pods = kubelet.list_pods()
-        self.update_pods(pods, map_pods_to_netns(pods) if map_netns else {})
+        self.update_pods(pods, self.netns_cache.map(pods) if map_netns else {})
         return pods
+
+    def close(self) -> None:
+        """Close the netns cache's netlink sockets (a later refresh opens new ones)."""
+        self.netns_cache.close()
 
     # -- Resolver protocol --------------------------------------------------------------------------------
 
@@ -145,7 +152,8 @@ class KubeResolver:
     def apply_to_view(self, view: ClusterView) -> None:
         """Fill ``view`` from what is known: exact local pod IPs; pod CIDRs, service IPs and node IPs from the
         apiserver. Where the apiserver gives nothing (not synced, or no podCIDRs allocated), the values the
-        view had on the first call (the CLI flags) are used, not whatever a previous call left there.
+        view had on the first call (the CLI flags) are used, not whatever a previous call left there; the
+        cluster's pod CIDRs are always the flags' plus the Nodes' (routed CNIs allocate from pools no Node lists).
         """
         with self._lock:
             defaults = self._view_defaults.setdefault(
@@ -154,7 +162,9 @@ class KubeResolver:
         flag_cluster, flag_node, flag_node_ips, flag_service_ips = defaults
         if pods.local_ips is not None:
             view.local_pod_ips = pods.local_ips
-        view.cluster_cidrs = snap.cluster_pod_cidrs or flag_cluster
+        # Both name pods: Node podCIDRs and --cluster-cidr (a Calico IP pool, Cilium's cluster pool, OVN's
+        # cluster network are in no Node's spec.podCIDRs, or not all of them), so the view takes their union.
+        view.cluster_cidrs = tuple(dict.fromkeys((*flag_cluster, *snap.cluster_pod_cidrs)))
         view.node_pod_cidrs = snap.node_pod_cidrs or flag_node
         view.node_ips = snap.node_ips or flag_node_ips
         view.service_ips = frozenset(snap.service_by_ip) if snap.services_synced else flag_service_ips

@@ -83,7 +83,7 @@ class DropsProbe:
     """See module docstring."""
 
     name = "drops"
-    hooks = (Hook("tracepoint", "skb:kfree_skb", "tracepoint__skb__kfree_skb"),)
+    hooks = (Hook("raw_tracepoint", "skb:kfree_skb", "nw_kfree_skb"),)
     metrics = (DROPS, DROPPED_BYTES)
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ignore_reasons: tuple[str, ...] = ()) -> None:
@@ -115,12 +115,13 @@ class DropsProbe:
         self._bpf = compile_program(
             "drops.c", ctx.btf,
             {"DROPS_MAX_ENTRIES": self.max_entries, "REASON_CONSUMED": consumed, "MAX_REASONS": max_reasons},
-            hook_programs(self.hooks), ctx.tracefs,
+            hook_programs(self.hooks), ctx.tracefs, attach=False,
         )
         self._check_value_layout()
         ignored = self._bpf["ignored_reasons"]
         for name in self.ignore_reasons:
             ignored[ignored.Key(self.reasons.number(name))] = ignored.Leaf(1)
+        self._bpf.attach(ctx.tracefs)  # the filters are in place first
         self.accounting = DropAccounting(ctx.view, ctx.resolver, self.reasons.name,
                                          series_limit=getattr(settings, "max_series", 10000),
                                          host_netns=ctx.host_netns)

@@ -73,8 +73,8 @@ class Module:
             for p in self.programs.values():
                 if p.kind == "tracepoint":
                     fd = bpfsys.attach_tracepoint(p.fd, tracefs, p.target)
-                elif p.kind == "raw_tracepoint":
-                    fd = bpfsys.attach_raw_tracepoint(p.fd, p.target)
+                elif p.kind == "raw_tracepoint":  # the event name; a `category:` prefix is for tracefs only
+                    fd = bpfsys.attach_raw_tracepoint(p.fd, p.target.rpartition(":")[2])
                 else:
                     continue
                 with self._lock:

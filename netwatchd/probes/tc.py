@@ -45,7 +45,7 @@ from netwatchd.export.metrics import MetricSpec, exposed_name, family
 from netwatchd.identity.local import NODE, PodRef
 from netwatchd.pipeline import SeriesBudget, forget_pod_series
 from netwatchd.probes.base import Hook, MapStats, ProbeContext
-from netwatchd.probes.loader import compile_program
+from netwatchd.probes.loader import compile_program, cpu_regions
 from netwatchd.probes.module import ProgramSpec
 from netwatchd.probes.tcattach import (
     DEFAULT_CLSACT_PRIO,
@@ -375,6 +375,7 @@ class TcProbe:
         self._ifaces: dict[int, tuple[int, int]] = {}
         self._ports: set[int] = set()
         self.lock = threading.Lock()  # kernel map updates from the link watcher and the refresh loop
+        self.ncpus = cpu_regions()  # `volume` holds one value per (slot, CPU region)
 
     def attach(self, ctx: ProbeContext) -> None:
         s = ctx.settings
@@ -390,7 +391,8 @@ class TcProbe:
         btf = ctx.btf
         defines: dict[str, int | str] = {
             "TC_SLOTS": self.slots.capacity, "TC_NETS_ENTRIES": NETS_ENTRIES, "TC_IFINDEX_MAX": IFINDEX_ARRAY,
-            "TC_NAT_ENTRIES": NAT_ENTRIES, "TC_TRANSIT_SAMPLE": sample, **bpf_defines(DEFAULT_BOUNDS_S),
+            "TC_NAT_ENTRIES": NAT_ENTRIES, "TC_TRANSIT_SAMPLE": sample, "TC_NCPUS": self.ncpus,
+            **bpf_defines(DEFAULT_BOUNDS_S),
         }
         with contextlib.suppress(Exception):  # no conntrack: uplink traffic NATed to pods is taken as it leaves
             defines["TC_CT_HASH_SIZE"] = btf.struct_size("nf_conntrack_tuple_hash")
@@ -499,9 +501,9 @@ class TcProbe:
             slots = self.slots.in_use()
             gens = dict(self.slots.gen)
         rows = []
-        volume, addrs = self._bpf["volume"], self._bpf["slot_addr"]
+        volume, addrs, ncpus = self._bpf["volume"], self._bpf["slot_addr"], self.ncpus
         for slot in slots:
-            per_cpu = volume[volume.Key(slot)]
+            per_cpu = [volume[volume.Key(slot * ncpus + cpu)] for cpu in range(ncpus)]
             values = [(sum(c.v[i].packets for c in per_cpu), sum(c.v[i].bytes for c in per_cpu))
                       for i in range(SLOT_VALUES)]
             rows.append((slot, gens.get(slot, 0), _slot_addresses(addrs[addrs.Key(slot)]), values))
@@ -520,7 +522,8 @@ class TcProbe:
                     self.slots.retiring[slot] = left - 1
             for slot in done:
                 del self.slots.retiring[slot]
-                self._bpf["volume"].clearitem(slot)
+                for cpu in range(self.ncpus):
+                    self._bpf["volume"].clearitem(slot * self.ncpus + cpu)
                 self._bpf["slot_addr"].clearitem(slot)
                 if self.accounting is not None:
                     self.accounting.forget_slot(slot, self.slots.gen.get(slot, 0))

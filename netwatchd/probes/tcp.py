@@ -42,6 +42,7 @@ ROLE_CLIENT, ROLE_SERVER = 1, 2  # bpf/tcp.c ROLE_*
 OUTCOMES = ("refused", "timeout", "other")  # index = bpf/tcp.c OUTCOME_*
 AGG_MAPS = ("tcp_connect", "tcp_rtt", "tcp_counts")  # index = bpf/tcp.c OVERFLOW_*
 SOCKET_MAP = "tcp_socks"
+RTT_MEMO_SLOTS = 1024  # sockets whose next RTT sample is not due yet (bpf/tcp.c rtt_memo)
 # struct tcp_key in bpf/tcp.c: local[16], remote[16], u32 netns, u8 family, u8 role, u8 pad[2].
 KEY_LAYOUT = struct.Struct("=16s16sIBB2x")
 
@@ -218,10 +219,10 @@ class TcpProbe:
 
     name = "tcp"
     hooks = (
-        Hook("tracepoint", "sock:inet_sock_set_state", "tracepoint__sock__inet_sock_set_state"),
-        Hook("tracepoint", "tcp:tcp_receive_reset", "tracepoint__tcp__tcp_receive_reset"),
-        Hook("tracepoint", "tcp:tcp_probe", "tracepoint__tcp__tcp_probe"),
-        Hook("tracepoint", "tcp:tcp_retransmit_skb", "tracepoint__tcp__tcp_retransmit_skb"),
+        Hook("raw_tracepoint", "sock:inet_sock_set_state", "nw_sock_set_state"),
+        Hook("raw_tracepoint", "tcp:tcp_receive_reset", "nw_tcp_receive_reset"),
+        Hook("raw_tracepoint", "tcp:tcp_probe", "nw_tcp_probe"),
+        Hook("raw_tracepoint", "tcp:tcp_retransmit_skb", "nw_tcp_retransmit"),
     )
     metrics = (TCP_CONNECT, TCP_CONNECT_FAILURES, TCP_RTT, TCP_RETRANSMITS)
 
@@ -258,6 +259,7 @@ class TcpProbe:
             "TCP_MAX_ENTRIES": self.max_entries,
             "TCP_SOCK_ENTRIES": self.socket_entries,
             "TCP_RTT_INTERVAL_JIFFIES": f"{interval_jiffies(self.rtt_interval_s, self.hz)}ULL",
+            "TCP_RTT_MEMO": RTT_MEMO_SLOTS,
             **bpf_defines(DEFAULT_BOUNDS_S),
         }
         if "err" in tracepoint_fields(ctx.tracefs, "tcp:tcp_retransmit_skb"):
