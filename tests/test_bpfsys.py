@@ -292,6 +292,18 @@ def test_per_cpu_and_array_maps(monkeypatch) -> None:
         os.close(fd)
 
 
+def test_batched_update_of_an_array() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    fd = _create_map(bpfsys.MAP_ARRAY, 4, 1, 8192)
+    m = maps.map_for("classes", fd, ctypes.c_int, ctypes.c_ubyte)
+    try:
+        m.update_many([(i, ctypes.c_ubyte(i % 7)) for i in range(len(m))])
+        assert [v.value for _k, v in m.items()] == [i % 7 for i in range(8192)]
+    finally:
+        os.close(fd)
+
+
 def test_lpm_trie_falls_back_to_key_iteration() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")

@@ -76,6 +76,7 @@ def _load() -> ctypes.CDLL:
         "bpf_map_get_next_key": (i, [i, vp, vp]),
         "bpf_map_lookup_batch": (i, [i, vp, vp, vp, vp, u32p, vp]),
         "bpf_map_delete_batch": (i, [i, vp, u32p, vp]),
+        "bpf_map_update_batch": (i, [i, vp, vp, u32p, vp]),
         "bpf_obj_get_info_by_fd": (i, [i, vp, u32p]),
         "bpf_raw_tracepoint_open": (i, [ctypes.c_char_p, i]),
         "libbpf_num_possible_cpus": (i, []),
@@ -147,6 +148,17 @@ def next_key(fd: int, key, out) -> bool:
         return False
     _check(ret, f"get_next_key in map fd {fd}")
     return True
+
+
+def update_batch(fd: int, keys: bytes, values: bytes, key_size: int) -> None:
+    """Set many (key, value) pairs (concatenated, in the same order) with BPF_MAP_UPDATE_BATCH."""
+    n = len(keys) // key_size
+    count = ctypes.c_uint32(n)
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values))
+    _check(lib().bpf_map_update_batch(fd, kbuf, vbuf, ctypes.byref(count), None), f"update_batch of map fd {fd}")
+    if count.value != n:
+        raise BpfError(errno.EIO, f"update_batch of map fd {fd}: {count.value} of {n} written")
 
 
 def delete_batch(fd: int, keys: bytes, key_size: int) -> int:

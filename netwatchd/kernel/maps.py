@@ -102,6 +102,25 @@ class Map:
         if not bpfsys.delete(self.fd, self._key_buf(key)):
             raise KeyError(key)
 
+    def update_many(self, pairs: list[tuple]) -> None:
+        """Set many (key, leaf) pairs: one batched update where the map type has it, else one by one."""
+        if not pairs:
+            return
+        if self._batch and not self.percpu:
+            size, order = self.key_size, sys.byteorder
+            keys = b"".join(k.to_bytes(size, order) if isinstance(k, int) else bytes(k) for k, _v in pairs)
+            if len(keys) != size * len(pairs):
+                raise ValueError(f"map {self.name}: keys are not all {size} bytes")
+            values = b"".join(self._value_bytes(v) for _k, v in pairs)
+            try:
+                bpfsys.update_batch(self.fd, keys, values, self.key_size)
+                return
+            except bpfsys.BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        for k, v in pairs:
+            self[k] = v
+
     def delete_many(self, raw_keys: list[bytes]) -> int:
         """Delete raw keys (absent ones are skipped) with batched deletes where the map type has them;
         returns how many were deleted."""

@@ -401,8 +401,7 @@ class TcProbe:
         self._bpf = compile_program("tc.c", btf, defines,
                                     [ProgramSpec(n, "sched_cls") for names in PROGRAMS.values() for n in names])
         classes = self._bpf["classes"]
-        for i in range(len(classes)):
-            classes[classes.Key(i)] = classes.Leaf(UNKNOWN_CLASS)
+        classes.update_many([(i, classes.Leaf(UNKNOWN_CLASS)) for i in range(len(classes))])  # one syscall
         self.sync_view()
         fd = self._bpf.program_fd
         programs = {role: (fd(i), fd(o), i, o) for role, (i, o) in PROGRAMS.items()}
