@@ -148,7 +148,8 @@ static __always_inline const char *drop_ip_header(const u64 *sb, struct drop_key
     return ip;
 }
 
-/* Conntrack's original destination when NAT rewrote it (kube-proxy's DNAT): see nw_skb_ct_orig. */
+/* Conntrack's original destination when NAT rewrote it (kube-proxy's DNAT), so a drop seen after DNAT
+ * to a backend still names the service. */
 static __always_inline void drop_ct_orig(const u64 *sb, struct drop_key *key)
 {
 #if defined(SKB_NFCT_OFF) && defined(NFCONN_TUPLE_ORIG_OFF)

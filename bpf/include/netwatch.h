@@ -30,35 +30,6 @@ struct nw_addrs {
     u8 l4proto;  /* IPPROTO_* */
 };
 
-/* Parse the IP header of an skb through BTF offsets; family stays NONE for non-IP or no header yet. */
-static __always_inline void nw_skb_addrs(const void *skb, u16 eth_proto, struct nw_addrs *out)
-{
-    u16 nh = NW_READ(u16, skb, SKB_NETWORK_HEADER_OFF);
-    if (nh == (u16)~0U)
-        return;
-    const char *head = NW_READ(const char *, skb, SKB_HEAD_OFF);
-    if (!head)
-        return;
-    const char *ip = head + nh;
-    if (eth_proto == ETH_P_IP_) {
-        u8 vihl = NW_READ(u8, ip, 0);
-        if ((vihl >> 4) != 4)
-            return;
-        out->family = NW_FAMILY_V4;
-        out->l4proto = NW_READ(u8, ip, 9);
-        bpf_probe_read_kernel(out->saddr, 4, ip + 12);
-        bpf_probe_read_kernel(out->daddr, 4, ip + 16);
-    } else if (eth_proto == ETH_P_IPV6_) {
-        u8 ver = NW_READ(u8, ip, 0);
-        if ((ver >> 4) != 6)
-            return;
-        out->family = NW_FAMILY_V6;
-        out->l4proto = NW_READ(u8, ip, 6);
-        bpf_probe_read_kernel(out->saddr, 16, ip + 8);
-        bpf_probe_read_kernel(out->daddr, 16, ip + 24);
-    }
-}
-
 /* Network namespace inode of a net_device (0 when unknown). */
 static __always_inline u32 nw_dev_netns(const void *dev)
 {
@@ -96,32 +67,6 @@ static __always_inline int nw_addr_eq(const u8 *a, const u8 *b)
         if (a[i] != b[i])
             return 0;
     return 1;
-}
-
-static __always_inline void nw_skb_ct_orig(const void *skb, const struct nw_addrs *pkt, struct nw_ct_orig *out)
-{
-#if defined(SKB_NFCT_OFF) && defined(NFCONN_TUPLE_ORIG_OFF)
-    unsigned long nfct = NW_READ(unsigned long, skb, SKB_NFCT_OFF);
-    u32 ctinfo = nfct & 7;  /* NFCT_INFOMASK */
-    const char *ct = (const char *)(nfct & ~7UL);
-    if (!ct || ctinfo == NW_IP_CT_UNTRACKED)
-        return;
-    const char *orig = ct + NFCONN_TUPLE_ORIG_OFF;
-    u8 odst[16] = {};
-    bpf_probe_read_kernel(odst, sizeof(odst), orig + CT_TUPLE_DST_U3_OFF);
-    u16 odport = NW_READ(u16, orig, CT_TUPLE_DST_PORT_OFF);
-    if (ctinfo >= NW_IP_CT_IS_REPLY) {
-        if (nw_addr_eq(odst, pkt->saddr))
-            return;
-        out->flags = NW_CT_NATTED | NW_CT_REPLY;
-    } else {
-        if (nw_addr_eq(odst, pkt->daddr))
-            return;
-        out->flags = NW_CT_NATTED;
-    }
-    __builtin_memcpy(out->daddr, odst, 16);
-    out->dport = odport;
-#endif
 }
 
 /* Latency histograms, aggregated in the kernel with exactly the Prometheus buckets we export.
